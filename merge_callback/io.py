@@ -1,0 +1,208 @@
+"""Checkpoint reading and atomic soup writing.
+
+Soups are written to a temporary name in the destination folder, flushed to disk and moved into
+place with ``os.replace``, so a reader sees either the previous file or the complete new one, never a
+partial file. Training checkpoints are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "save_safetensors_atomic",
+    "atomic_directory",
+    "load_state_dict",
+    "lightning_state_dict",
+    "json_safe",
+]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def json_safe(obj: Any) -> Any:
+    """Convert floats that JSON cannot hold (nan, inf) to strings, recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return atomic_write_bytes(path, (json.dumps(json_safe(obj), indent=2) + "\n").encode())
+
+
+def save_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Tensor],
+                            metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save ``tensors`` as a safetensors file atomically.
+
+    ``metadata`` values are stored as strings in the file header (non-strings JSON-encoded).
+    Tensors are made contiguous and moved to the CPU; tensors sharing memory are written as
+    separate copies.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {str(k): v if isinstance(v, str) else json.dumps(json_safe(v))
+            for k, v in (metadata or {}).items()}
+    seen: set[int] = set()
+    out: dict[str, Tensor] = {}
+    for k, t in tensors.items():
+        t = t.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone(memory_format=torch.contiguous_format)
+        elif not t.is_contiguous():
+            t = t.contiguous()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    tmp = _tmp_path(path)
+    try:
+        save_file(out, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+class atomic_directory:
+    """Context manager yielding a temporary folder that replaces ``path`` on success.
+
+    On an exception the temporary folder is removed and ``path`` is left as it was. An existing
+    ``path`` is replaced (moved aside first, then removed).
+
+    Example:
+        >>> with atomic_directory(out_dir) as tmp:   # doctest: +SKIP
+        ...     model.save_pretrained(tmp)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def lightning_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The model ``state_dict`` stored in a loaded Lightning checkpoint dict."""
+    if "state_dict" not in checkpoint:
+        raise ValueError("not a Lightning checkpoint: no 'state_dict' entry (keys: "
+                         f"{', '.join(list(checkpoint)[:8])})")
+    return dict(checkpoint["state_dict"])
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read model tensors from a Lightning ``.ckpt``, a ``.safetensors`` file, a ``.bin``/``.pt``
+    state dict, or a Hugging Face folder (``model.safetensors`` or a sharded index).
+
+    Files are opened read-only; ``torch.load`` runs with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the format is not one of the above.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        single = path / "model.safetensors"
+        index = path / "model.safetensors.index.json"
+        if single.exists():
+            return load_state_dict(single)
+        if index.exists():
+            from safetensors.torch import load_file
+
+            weight_map = json.loads(index.read_text())["weight_map"]
+            out: dict[str, Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                out.update(load_file(str(path / shard)))
+            return {k: out[k] for k in weight_map}
+        raise ValueError(f"folder {path} holds no model.safetensors or "
+                         "model.safetensors.index.json (a Hugging Face checkpoint folder)")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and "state_dict" in obj:
+            return lightning_state_dict(obj)
+        if isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values()):
+            return dict(obj)
+        raise ValueError(f"{path} holds no state dict (expected a Lightning checkpoint or a "
+                         "mapping of tensors)")
+    raise ValueError(f"unsupported checkpoint {path}: expected a Lightning .ckpt, .safetensors, "
+                     ".pt/.pth/.bin state dict, or a Hugging Face folder")
