@@ -1,0 +1,237 @@
+"""One merge round, independent of the training framework.
+
+A round takes the previous checkpoint's weights and the latest weights (both as host snapshots),
+searches λ on a held-out evaluator by writing each candidate soup *into the live module in place*,
+and always restores the live weights bitwise from the latest snapshot before returning, also when
+the search raises. It returns a :class:`RoundResult`; writing and logging are the adapters' job.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from merge_callback.io import atomic_write_json, save_safetensors_atomic
+from merge_callback.merge import check_compatible, is_mergeable, lerp_state_dicts, lerp_tensors_
+from merge_callback.search import search_lambda, validate_search_args
+
+__all__ = ["Snapshot", "RoundConfig", "RoundResult", "MergeRoundError", "run_round",
+           "write_soup_files"]
+
+
+class MergeRoundError(RuntimeError):
+    """A merge round failed; the live weights were restored and no soup was written."""
+
+
+class Snapshot:
+    """A host copy of a module's ``state_dict()`` at a training step.
+
+    Tensors that share memory in the module (tied weights) share one host copy. On CUDA the copies
+    go to pinned memory asynchronously and are synchronised before :meth:`capture` returns.
+
+    Args:
+        tensors: key -> host tensor, in ``state_dict()`` order.
+        step: the global step the weights belong to.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], step: int):
+        self.tensors = tensors
+        self.step = int(step)
+
+    @classmethod
+    def capture(cls, module: nn.Module, step: int, pin_memory: bool | None = None) -> Snapshot:
+        sd = module.state_dict()
+        copies: dict[tuple, Tensor] = {}
+        out: dict[str, Tensor] = {}
+        any_cuda = False
+        for key, t in sd.items():
+            t = t.detach()
+            ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
+                     tuple(t.shape), tuple(t.stride()), t.dtype)
+            if ident not in copies:
+                pin = (t.is_cuda if pin_memory is None else pin_memory) and torch.cuda.is_available()
+                host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+                host.copy_(t, non_blocking=t.is_cuda)
+                any_cuda |= t.is_cuda
+                copies[ident] = host
+            out[key] = copies[ident]
+        if any_cuda:
+            torch.cuda.synchronize()
+        return cls(out, step)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (shared tensors counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for t in self.tensors.values():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Search settings for a round (validated on construction)."""
+
+    alpha: float = 0.5
+    budget: int = 10
+    strategy: str = "bayes"
+    acq_func: str = "gp_hedge"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        validate_search_args(self.alpha, self.budget, self.strategy, self.acq_func)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round decided (plain Python values, JSON-ready via :meth:`to_json`)."""
+
+    step: int
+    previous_step: int
+    lam: float
+    value_soup: float
+    value_latest: float
+    value_previous: float
+    observations: tuple[tuple[float, float], ...]
+    metric: str
+    higher_is_better: bool
+    alpha: float
+    budget: int
+    strategy: str
+    acq_func: str | None
+    seconds: float
+    extra_evaluations: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def gain(self) -> float:
+        """Improvement of the soup over the latest weights (positive = better)."""
+        diff = self.value_soup - self.value_latest
+        return diff if self.higher_is_better else -diff
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["lambda"] = d.pop("lam")
+        d["observations"] = [list(o) for o in self.observations]
+        extras = d.pop("extras")
+        d.update(extras)
+        return d
+
+
+def _live_targets(module: nn.Module, reference: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
+    """(key, live tensor) for every mergeable entry, each storage once, in state_dict order."""
+    sd = module.state_dict()
+    check_compatible(reference, {k: v for k, v in sd.items()}, ("the previous checkpoint",
+                                                                 "the live module"))
+    seen: set[tuple] = set()
+    out = []
+    for key, t in sd.items():
+        if not is_mergeable(t):
+            continue
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                 tuple(t.stride()), t.dtype)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out.append((key, t))
+    return out
+
+
+def run_round(module: nn.Module, previous: Snapshot, latest: Snapshot,
+              evaluate: Callable[[nn.Module], float], config: RoundConfig, *,
+              metric: str = "loss", higher_is_better: bool = False,
+              value_previous: float | None = None,
+              on_evaluation: Callable[[float, float], None] | None = None) -> RoundResult:
+    """Search λ for ``soup = lerp(previous, latest, λ)`` on ``evaluate``; restore ``module``.
+
+    Args:
+        module: the live module; its weights must equal ``latest`` on entry, and equal it bitwise
+            again on return (also when an exception propagates).
+        previous, latest: host snapshots.
+        evaluate: ``module -> metric value`` on the held-out data.
+        config: search settings; the round's seed is ``config.seed + latest.step``.
+        metric, higher_is_better: recorded in the result; ``higher_is_better`` steers the search.
+        value_previous: the previous weights' metric if already known (e.g. from the last round,
+            where they were the latest); otherwise λ = 0 is evaluated once, outside the budget.
+        on_evaluation: called with ``(λ, value)`` after each evaluation (progress reporting).
+
+    Raises:
+        MergeRoundError: incompatible snapshots, or a NaN/inf metric value; weights restored.
+    """
+    t0 = time.perf_counter()
+    try:
+        check_compatible(previous.tensors, latest.tensors)
+        targets = _live_targets(module, latest.tensors)
+    except ValueError as e:
+        raise MergeRoundError(f"cannot merge step {previous.step} with step {latest.step}: {e}") \
+            from e
+    keys = [k for k, _ in targets]
+    live = [t for _, t in targets]
+    prev_t = [previous.tensors[k] for k in keys]
+    latest_t = [latest.tensors[k] for k in keys]
+
+    def objective(lam: float) -> float:
+        lerp_tensors_(live, prev_t, latest_t, lam)
+        value = float(evaluate(module))
+        if on_evaluation is not None:
+            on_evaluation(lam, value)
+        return value
+
+    extra = 0
+    try:
+        result = search_lambda(objective, alpha=config.alpha, budget=config.budget,
+                               strategy=config.strategy, acq_func=config.acq_func,
+                               seed=(config.seed + latest.step) % (2**31), 
+                               higher_is_better=higher_is_better)
+        if value_previous is None:
+            value_previous = objective(0.0)
+            extra = 1
+            if not math.isfinite(value_previous):
+                raise FloatingPointError(f"held-out metric is {value_previous} at lambda=0")
+    except FloatingPointError as e:
+        raise MergeRoundError(f"merge round at step {latest.step}: {e}; no soup was written") \
+            from e
+    finally:
+        lerp_tensors_(live, prev_t, latest_t, 1.0)  # exact restore: copies the latest snapshot
+    return RoundResult(
+        step=latest.step, previous_step=previous.step, lam=result.lam, value_soup=result.value,
+        value_latest=result.value_at(1.0), value_previous=float(value_previous),
+        observations=result.observations, metric=metric, higher_is_better=higher_is_better,
+        alpha=config.alpha, budget=config.budget, strategy=config.strategy,
+        acq_func=result.acq_func, seconds=time.perf_counter() - t0, extra_evaluations=extra)
+
+
+def soup_state_dict(previous: Snapshot, latest: Snapshot, lam: float) -> dict[str, Tensor]:
+    """The soup's full state dict (all keys of ``latest``; non-float tensors from ``latest``)."""
+    return lerp_state_dicts(previous.tensors, latest.tensors, lam)
+
+
+def write_soup_files(soup_dir, stem: str, tensors: Mapping[str, Tensor], result: RoundResult,
+                     extra_metadata: Mapping[str, object] | None = None) -> tuple:
+    """Write ``<stem>.safetensors`` (header metadata: lambda, step, ...) and ``<stem>.json``.
+
+    Both are written atomically; the JSON sidecar goes last, so its presence marks a complete soup.
+    """
+    from pathlib import Path
+
+    soup_dir = Path(soup_dir)
+    info = result.to_json()
+    if extra_metadata:
+        info.update(extra_metadata)
+    meta = {"format": "pt", "lambda": repr(result.lam), "step": str(result.step),
+            "previous_step": str(result.previous_step), "alpha": repr(result.alpha),
+            "metric": result.metric, "value_soup": repr(result.value_soup),
+            "value_latest": repr(result.value_latest)}
+    st = save_safetensors_atomic(soup_dir / f"{stem}.safetensors", tensors, meta)
+    js = atomic_write_json(soup_dir / f"{stem}.json", info)
+    return st, js
