@@ -403,7 +403,7 @@ def split_blocks(
     n_held = int(round(n * float(heldout_fraction)))
     if heldout_fraction > 0:
         n_held = max(n_held, 1)
-    if n_held >= n and n > 0 or (n == 0 and n_held > 0):
+    if n_held > 0 and n_held >= n:
         raise ValueError(
             f"heldout_fraction={heldout_fraction} of {n} blocks leaves no training blocks"
         )
