@@ -113,6 +113,12 @@ class BayesMergeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "save_weights_only", False):
+                rank_zero_warn("BayesMergeCallback runs when a checkpoint is saved, but "
+                               f"{type(cb).__name__}(save_weights_only=True) saves without calling "
+                               "callbacks, so its saves start no merge round. HINT: use "
+                               "save_weights_only=False")
         data = self.heldout if self.heldout is not None else _validation_loader(trainer)
         sharded = isinstance(getattr(data, "sampler", None), DistributedSampler)
         self._evaluator = HeldoutEvaluator(
@@ -213,9 +219,15 @@ class BayesMergeCallback(Callback):
 
 
 def _validation_loader(trainer: pl.Trainer) -> Any:
-    """The user's first validation dataloader (from fit(), the module or the datamodule)."""
-    source = trainer.fit_loop.epoch_loop.val_loop._data_source
-    loaders = source.dataloader() if source.is_defined() else None
+    """The user's first validation dataloader (from fit(), the module or the datamodule).
+
+    At setup Lightning has not built ``trainer.val_dataloaders`` yet, so the loader comes from the
+    validation data source; it is not yet split across ranks (the evaluator shards it).
+    """
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        loaders = source.dataloader() if source.is_defined() else None
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
     elif isinstance(loaders, dict):

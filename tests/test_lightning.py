@@ -255,3 +255,16 @@ def test_missing_wandb_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ImportError, match=r"install it with `pip install wandb`"):
         require_wandb()
+
+
+def test_weights_only_checkpoints_are_reported(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = BayesMergeCallback(heldout=loaders()[1], budget=3)
+    tr = L.Trainer(default_root_dir=str(tmp_path), max_steps=2, accelerator="cpu", logger=False,
+                   enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1,
+                                              save_weights_only=True), cb])
+    with pytest.warns(UserWarning, match=r"save_weights_only=True\) saves without calling callbacks"):
+        tr.fit(module(), loaders()[0])
+    assert cb.history == []
