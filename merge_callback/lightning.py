@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 from typing_extensions import override
 
-from merge_callback.engine import (MergeRoundError, RoundConfig, RoundResult, Snapshot, run_round,
-                                   soup_state_dict, write_soup_files)
+from merge_callback.averaging import (EmaTrack, Family, combine, ema_family, geometric_family,
+                                      pairwise_family, run_averaging_round)
+from merge_callback.engine import (RoundConfig, RoundResult, Snapshot, run_round, soup_state_dict,
+                                   write_soup_files)
 from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric
 from merge_callback.tracking import log_round_to_loggers
 
@@ -50,6 +52,21 @@ class BayesMergeCallback(Callback):
         seed: seed of the search and of held-out iteration.
         on_error: ``"warn"`` (report a failed round, keep training) or ``"raise"``.
         save_soups: write soup files (set False to only log λ and the curves).
+        history: weights kept on the host, the latest included. ``2`` (default) is the paper's
+            pairwise soup of the last two saves. With ``history = k > 2`` a round also searches
+            geometric weights ``w_i ∝ γ^(k−1−i)`` over the last ``k`` snapshots (γ = 0: latest
+            only; γ = 1: their uniform average).
+        snapshot_every: also keep an in-memory snapshot every this many steps (host memory, no
+            disk writes); ``None`` snapshots only at checkpoint saves.
+        ema_decays: per-step decays of host-side EMA tracks (updated every ``snapshot_every``
+            steps with decay ``d ** snapshot_every``); each is offered as a candidate and blended
+            with the latest weights, ``lerp(ema, latest, λ)``, λ ∈ [0, 1].
+
+    Memory on the host: ``history`` copies of the weights at most (``history − 1`` between
+    saves when ``snapshot_every`` is None) plus one per EMA decay. The candidate families share one
+    budget: the latest weights, then one far-end point per family, then a 1-D search inside the
+    family that did best. With snapshots or EMA tracks the checkpoint also stores them, so a
+    resumed run averages the same weights.
 
     Raises:
         ValueError: for any invalid argument, naming what is allowed.
@@ -65,7 +82,8 @@ class BayesMergeCallback(Callback):
                  acq_func: str = "gp_hedge", strategy: str = "bayes",
                  max_batches: int | None = None, soup_dir: str | os.PathLike | None = None,
                  every_n_saves: int = 1, seed: int = 0, on_error: str = "warn",
-                 save_soups: bool = True):
+                 save_soups: bool = True, history: int = 2, snapshot_every: int | None = None,
+                 ema_decays: Sequence[float] = ()):
         super().__init__()
         self.config = RoundConfig(alpha=alpha, budget=budget, strategy=strategy,
                                   acq_func=acq_func, seed=seed)
@@ -73,23 +91,40 @@ class BayesMergeCallback(Callback):
         if heldout is not None and not hasattr(heldout, "__iter__"):
             raise ValueError("heldout must be a DataLoader or an iterable of batches, or None to "
                              f"use the trainer's validation dataloader; got {type(heldout).__name__}")
-        if max_batches is not None and (isinstance(max_batches, bool) or
-                                        not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-        if isinstance(every_n_saves, bool) or not isinstance(every_n_saves, int) \
-                or every_n_saves < 1:
-            raise ValueError(f"every_n_saves must be a positive integer, got {every_n_saves!r}")
+        _check_positive_int("max_batches", max_batches, allow_none=True)
+        _check_positive_int("every_n_saves", every_n_saves)
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 2:
+            raise ValueError(f"history must be an integer >= 2 (weights kept, the latest included), "
+                             f"got {history!r}")
+        _check_positive_int("snapshot_every", snapshot_every, allow_none=True)
+        decays = tuple(ema_decays)
+        if any(isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d < 1.0)
+               for d in decays) or len(set(decays)) != len(decays):
+            raise ValueError(f"ema_decays must be distinct numbers in (0, 1), got {list(decays)}")
+        if decays and snapshot_every is None:
+            raise ValueError("ema_decays need snapshot_every (the EMA tracks are updated every "
+                             "snapshot_every steps)")
         self.heldout = heldout
         self.max_batches = max_batches
         self.soup_dir = Path(soup_dir) if soup_dir is not None else None
         self.every_n_saves = every_n_saves
         self.on_error = on_error
         self.save_soups = bool(save_soups)
+        self.history_size = history
+        self.snapshot_every = snapshot_every
+        self.ema_decays = decays
         self._evaluator: HeldoutEvaluator | None = None
-        self._previous: Snapshot | None = None
+        self._ring: list[Snapshot] = []  # recent weights, oldest first (the previous save last)
+        self._emas = [EmaTrack(d, snapshot_every or 1) for d in decays]
+        self._restored_tensors: dict[str, Any] | None = None
         self._state = self._initial_state()
+
+    @property
+    def pairwise_only(self) -> bool:
+        """True for the paper's method: the last two saves, λ ∈ [alpha, 1]."""
+        return self.history_size == 2 and not self.ema_decays
 
     @staticmethod
     def _initial_state() -> dict[str, Any]:
@@ -130,14 +165,36 @@ class BayesMergeCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         prev = self._state["previous_step"]
-        if self._previous is None and prev is not None:
-            if prev == trainer.global_step:  # resumed from the checkpoint saved at that step
-                self._previous = Snapshot.capture(pl_module, prev)
-            else:
-                rank_zero_warn(f"BayesMergeCallback: resumed at step {trainer.global_step} but its "
-                               f"saved state refers to step {prev}; merging restarts with the "
-                               "next checkpoint save")
-                self._state["previous_step"] = self._state["previous_value"] = None
+        if self._ring or prev is None:
+            return
+        if prev != trainer.global_step:
+            rank_zero_warn(f"BayesMergeCallback: resumed at step {trainer.global_step} but its "
+                           f"saved state refers to step {prev}; merging restarts with the next "
+                           "checkpoint save")
+            self._state["previous_step"] = self._state["previous_value"] = None
+            return
+        # resumed from the checkpoint saved at that step: its weights are the live weights
+        latest = Snapshot.capture(pl_module, prev)
+        stored = self._restored_tensors or {}
+        self._ring = [Snapshot(t, s) for s, t in stored.get("ring", [])] + [latest]
+        for track in self._emas:
+            ema = stored.get("ema", {}).get(track.name)
+            if ema is not None:
+                track.snapshot = Snapshot(ema["tensors"], ema["step"])
+        self._restored_tensors = None
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self.snapshot_every or step % self.snapshot_every or step == 0:
+            return
+        if self._ring and self._ring[-1].step == step:
+            return  # gradient accumulation: several batches end at one optimizer step
+        snap = Snapshot.capture(pl_module, step)
+        self._push(snap)
+        for track in self._emas:
+            track.update(pl_module, step, snap)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -148,6 +205,21 @@ class BayesMergeCallback(Callback):
         if step != self._state["last_save_step"]:  # several files at one step: one round
             self._on_new_save(trainer, pl_module, step)
         checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+        if not self.pairwise_only:
+            # the older snapshots and EMA tracks, so that a resumed run averages the same weights
+            checkpoint[self._tensors_key] = {
+                "ring": [(s.step, s.tensors) for s in self._ring[:-1]],
+                "ema": {t.name: {"step": t.snapshot.step, "tensors": t.snapshot.tensors}
+                        for t in self._emas if t.snapshot is not None}}
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._restored_tensors = checkpoint.get(self._tensors_key)
+
+    @property
+    def _tensors_key(self) -> str:
+        return f"merge_callback_tensors:{self.state_key}"
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -157,56 +229,100 @@ class BayesMergeCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         fresh = self._initial_state()
         self._state = {k: state_dict.get(k, v) for k, v in fresh.items()}
-        self._previous = None
+        self._ring = []
 
     # ---------------------------------------------------------------- work
+    def _push(self, snap: Snapshot) -> None:
+        self._ring.append(snap)
+        del self._ring[:-self.history_size]
+
     def _on_new_save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         state = self._state
         state["saves"] += 1
         state["last_save_step"] = step
-        latest = Snapshot.capture(pl_module, step)
-        if self._previous is not None and state["saves"] % self.every_n_saves == 0:
-            value_latest = self._guarded_round(trainer, pl_module, latest)
-        else:
-            value_latest = None
-        self._previous = latest
+        if not (self._ring and self._ring[-1].step == step):
+            self._push(Snapshot.capture(pl_module, step))
+        value_latest = None
+        if len(self._ring) >= 2 and state["saves"] % self.every_n_saves == 0:
+            value_latest = self._guarded_round(trainer, pl_module)
+        # between rounds keep history - 1 copies: the next save brings the latest
+        del self._ring[:-(self.history_size - 1)]
         state["previous_step"] = step
         state["previous_value"] = value_latest
 
-    def _guarded_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                       latest: Snapshot) -> float | None:
+    def _guarded_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         try:
-            result = self._round(trainer, pl_module, latest)
+            result = self._round(trainer, pl_module)
         except Exception as e:  # noqa: BLE001 - reported, training goes on (on_error="warn")
             if self.on_error == "raise":
                 raise
-            rank_zero_warn(f"BayesMergeCallback: the merge round at step {latest.step} failed and "
-                           f"was skipped; training continues unchanged. {type(e).__name__}: {e}")
+            rank_zero_warn(f"BayesMergeCallback: the merge round at step {self._ring[-1].step} "
+                           "failed and was skipped; training continues unchanged. "
+                           f"{type(e).__name__}: {e}")
             return None
         return result.value_latest
 
-    def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-               latest: Snapshot) -> RoundResult:
-        assert self._previous is not None and self._evaluator is not None
+    def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RoundResult:
+        assert self._evaluator is not None
+        previous, latest = self._previous_save(), self._ring[-1]
         prev_value = self._state["previous_value"]
-        if self._state["previous_step"] != self._previous.step:
+        if self._state["previous_step"] != previous.step:
             prev_value = None
-        result = run_round(pl_module, self._previous, latest, self._evaluator, self.config,
-                           metric=self.metric.name, higher_is_better=self.metric.higher_is_better,
-                           value_previous=prev_value)
+        if self.pairwise_only:
+            result = run_round(pl_module, previous, latest, self._evaluator, self.config,
+                               metric=self.metric.name,
+                               higher_is_better=self.metric.higher_is_better,
+                               value_previous=prev_value)
+            sources = families = None
+        else:
+            sources, families = self._families()
+            c = self.config
+            result = run_averaging_round(
+                pl_module, sources, "latest", families, self._evaluator, budget=c.budget,
+                strategy=c.strategy, acq_func=c.acq_func, seed=(c.seed + latest.step) % 2**31,
+                metric=self.metric.name, higher_is_better=self.metric.higher_is_better,
+                alpha=c.alpha, value_previous=prev_value, previous_name="previous")
         # every rank computed the same reduced values; take rank zero's decision to be certain
         result = trainer.strategy.broadcast(result, src=0)
         if self.save_soups and trainer.is_global_zero:
-            soup = soup_state_dict(self._previous, latest, result.lam)
+            if families is None:
+                soup = soup_state_dict(previous, latest, result.lam)
+            else:
+                fam = next(f for f in families if f.name == result.extras["family"])
+                soup = combine(fam, result.extras["param"],
+                               {n: s.tensors for n, s in sources.items()}, latest.tensors)
             write_soup_files(self._resolve_soup_dir(trainer), f"soup-step={result.step}", soup,
                              result)
         entry = {"step": result.step, "lambda": result.lam, "value_soup": result.value_soup,
                  "value_latest": result.value_latest, "value_previous": result.value_previous,
                  "previous_step": result.previous_step}
+        if families is not None:
+            entry.update(family=result.extras["family"], param=result.extras["param"])
         self._state["history"].append(entry)
         lam_history = [(h["step"], h["lambda"]) for h in self._state["history"]]
         log_round_to_loggers(trainer.loggers, result, lam_history)
         return result
+
+    def _previous_save(self) -> Snapshot:
+        """The previous checkpoint save if still held, else the most recent older snapshot."""
+        for snap in self._ring[:-1]:
+            if snap.step == self._state["previous_step"]:
+                return snap
+        return self._ring[-2]
+
+    def _families(self) -> tuple[dict[str, Snapshot], list[Family]]:
+        ring = self._ring
+        sources: dict[str, Snapshot] = {"latest": ring[-1], "previous": self._previous_save()}
+        families = [pairwise_family("previous", "latest", self.config.alpha)]
+        if len(ring) >= 3:
+            names = [f"step{s.step}" for s in ring[:-1]]
+            sources.update(zip(names, ring[:-1]))
+            families.append(geometric_family([*names, "latest"]))
+        for track in self._emas:
+            if track.snapshot is not None:
+                sources[track.name] = track.snapshot
+                families.append(ema_family(track.name, "latest"))
+        return sources, families
 
     def _resolve_soup_dir(self, trainer: pl.Trainer) -> Path:
         if self.soup_dir is not None:
@@ -216,6 +332,14 @@ class BayesMergeCallback(Callback):
         if dirpath:
             return Path(dirpath) / "soups"
         return Path(trainer.default_root_dir) / "soups"
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
 
 
 def _validation_loader(trainer: pl.Trainer) -> Any:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["STRATEGIES", "ACQ_FUNCS", "SearchResult", "search_lambda", "validate_search_args"]
+__all__ = ["STRATEGIES", "ACQ_FUNCS", "SearchResult", "search_lambda", "search_interval",
+           "validate_search_args"]
 
 STRATEGIES = ("bayes", "grid", "random", "greedy")
 ACQ_FUNCS = ("gp_hedge", "EI", "PI", "LCB")
@@ -70,11 +71,12 @@ def validate_search_args(alpha: float, budget: int, strategy: str, acq_func: str
 class _Evaluations:
     """Distinct-λ cache around the objective; keeps evaluation order."""
 
-    def __init__(self, objective: Callable[[float], float], higher_is_better: bool, budget: int):
+    def __init__(self, objective: Callable[[float], float], higher_is_better: bool, budget: int,
+                 known: Mapping[float, float] | None = None):
         self.objective = objective
         self.sign = -1.0 if higher_is_better else 1.0
         self.budget = budget
-        self.values: dict[float, float] = {}
+        self.values: dict[float, float] = {self.key(k): float(v) for k, v in (known or {}).items()}
 
     def key(self, lam: float) -> float:
         return round(float(lam), 12)
@@ -141,34 +143,65 @@ def search_lambda(objective: Callable[[float], float], *, alpha: float = 0.5, bu
         (0.714, 8)
     """
     validate_search_args(alpha, budget, strategy, acq_func)
-    alpha = float(alpha)
-    ev = _Evaluations(objective, higher_is_better, budget)
-    for lam in (alpha, 1.0, *[min(1.0, max(alpha, float(x))) for x in initial]):
+    return search_interval(objective, float(alpha), 1.0, budget=budget, strategy=strategy,
+                           acq_func=acq_func, seed=seed, higher_is_better=higher_is_better,
+                           initial=initial)
+
+
+def search_interval(objective: Callable[[float], float], lo: float, hi: float, *, budget: int,
+                    strategy: str = "bayes", acq_func: str = "gp_hedge", seed: int = 0,
+                    higher_is_better: bool = False, initial: Sequence[float] = (),
+                    known: Mapping[float, float] | None = None) -> SearchResult:
+    """Like :func:`search_lambda` on any interval ``[lo, hi]``, ``lo`` and ``hi`` evaluated first.
+
+    Args:
+        known: observations made earlier (``{x: value}``); they are not re-evaluated but count
+            towards ``budget`` and appear first in the observations.
+        initial: points evaluated right after the endpoints (clipped to the interval).
+        Other arguments as in :func:`search_lambda`; ``budget`` ≥ 1.
+
+    Raises:
+        ValueError: on invalid arguments.
+        FloatingPointError: if the objective returns NaN or ±inf.
+    """
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo < hi):
+        raise ValueError(f"the search interval needs lo < hi, got [{lo!r}, {hi!r}]")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, "
+                         f"got {strategy!r}")
+    if acq_func not in ACQ_FUNCS:
+        raise ValueError(f"acq_func must be one of {', '.join(map(repr, ACQ_FUNCS))}, "
+                         f"got {acq_func!r}")
+    lo, hi = float(lo), float(hi)
+    ev = _Evaluations(objective, higher_is_better, budget, known)
+    for x in (lo, hi, *[min(hi, max(lo, float(x))) for x in initial]):
         if ev.done:
             break
-        ev(lam)
+        ev(x)
 
     if strategy == "grid":
-        for lam in np.linspace(alpha, 1.0, budget)[1:-1]:
+        for x in np.linspace(lo, hi, budget)[1:-1]:
             if ev.done:
                 break
-            ev(float(lam))
+            ev(float(x))
         # a warm-start point can take a grid point's place in the budget: fill any gap left
         while not ev.done:
-            ev(_largest_gap_midpoint(list(ev.values), alpha, 1.0))
+            ev(_largest_gap_midpoint(list(ev.values), lo, hi))
     elif strategy == "random":
         rng = np.random.default_rng(seed)
         while not ev.done:
-            ev(float(rng.uniform(alpha, 1.0)))
+            ev(float(rng.uniform(lo, hi)))
     elif strategy == "greedy":
-        _golden_section(ev, alpha)
-    else:
-        _bayes(ev, alpha, acq_func, seed)
+        _golden_section(ev, lo, hi)
+    elif not ev.done:
+        _bayes(ev, lo, hi, acq_func, seed)
     return ev.result(strategy, acq_func if strategy == "bayes" else None)
 
 
-def _golden_section(ev: _Evaluations, alpha: float) -> None:
-    lo, hi = alpha, 1.0
+def _golden_section(ev: _Evaluations, lo0: float, hi0: float) -> None:
+    lo, hi = lo0, hi0
     while not ev.done:
         c = hi - _GOLDEN * (hi - lo)
         d = lo + _GOLDEN * (hi - lo)
@@ -180,25 +213,127 @@ def _golden_section(ev: _Evaluations, alpha: float) -> None:
             hi = d
         else:
             lo = c
-        if hi - lo < 1e-6:
+        if hi - lo < 1e-6 * (hi0 - lo0):
             while not ev.done:
-                ev(_largest_gap_midpoint(list(ev.values), alpha, 1.0))
+                ev(_largest_gap_midpoint(list(ev.values), lo0, hi0))
 
 
-def _bayes(ev: _Evaluations, alpha: float, acq_func: str, seed: int) -> None:
+def _bayes(ev: _Evaluations, lo: float, hi: float, acq_func: str, seed: int) -> None:
     from skopt import Optimizer  # the only scikit-optimize import in the package
 
     told = list(ev.values.items())
-    opt = Optimizer([(alpha, 1.0)], base_estimator="GP", acq_func=acq_func,
+    opt = Optimizer([(lo, hi)], base_estimator="GP", acq_func=acq_func,
                     n_initial_points=len(told), random_state=seed, acq_optimizer="sampling",
                     acq_optimizer_kwargs={"n_points": 1000})
-    with warnings.catch_warnings():
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: the GP is tiny, and more threads only compete with training for cores
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         # sklearn's GP warns about convergence on tiny, flat data sets; harmless here
         warnings.simplefilter("ignore")
         opt.tell([[x] for x, _ in told], [ev.sign * y for _, y in told])
         while not ev.done:
             x = float(opt.ask()[0])
-            if min(abs(x - seen) for seen in ev.values) < 1e-4 * (1.0 - alpha):
+            if min(abs(x - seen) for seen in ev.values) < 1e-4 * (hi - lo):
                 # the GP proposes an observed point again: explore the widest unexplored gap
-                x = _largest_gap_midpoint(list(ev.values), alpha, 1.0)
+                x = _largest_gap_midpoint(list(ev.values), lo, hi)
             opt.tell([x], ev.loss(x))
+
+
+__all__ += ["bayes_simplex"]
+
+
+def _simplex_point(x: Sequence[float]) -> tuple[float, ...]:
+    """Normalise non-negative ``x`` onto the simplex (all zeros → uniform)."""
+    xs = [max(0.0, float(v)) for v in x]
+    total = sum(xs)
+    if total <= 0.0:
+        return tuple(1.0 / len(xs) for _ in xs)
+    return tuple(v / total for v in xs)
+
+
+def bayes_simplex(loss: Callable[[tuple[float, ...]], float], n: int, *, budget: int,
+                  initial: Sequence[Sequence[float]] = (), acq_func: str = "gp_hedge",
+                  seed: int = 0) -> tuple[tuple[tuple[float, ...], float], ...]:
+    """Minimise ``loss(weights)`` over the simplex with a Gaussian process (scikit-optimize).
+
+    Points are sampled unnormalised in ``[0, 1]^n`` and divided by their sum, so weights are
+    ``≥ 0`` and sum to 1. ``initial`` points (weights) are evaluated first, in order. The budget
+    counts distinct weight vectors (rounded to 12 decimals): a proposal that normalises to an
+    observed point is answered from the cache; if the GP keeps proposing observed points, random
+    simplex points fill the rest of the budget.
+
+    Args:
+        loss: the minimised quantity, called with a tuple of ``n`` weights.
+        n: number of weights, ≥ 2.
+        budget: distinct evaluations, ≥ 1.
+        initial: warm-start weight vectors (each normalised onto the simplex).
+        acq_func: ``"gp_hedge"``, ``"EI"``, ``"PI"`` or ``"LCB"``.
+        seed: makes the search deterministic.
+
+    Returns:
+        ``((weights, loss), ...)`` in evaluation order.
+
+    Raises:
+        ValueError: on invalid arguments.
+        FloatingPointError: if ``loss`` returns NaN or ±inf.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an integer >= 2 (number of checkpoints), got {n!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
+    if acq_func not in ACQ_FUNCS:
+        raise ValueError(f"acq_func must be one of {', '.join(map(repr, ACQ_FUNCS))}, "
+                         f"got {acq_func!r}")
+    values: dict[tuple[float, ...], float] = {}
+
+    def evaluate(x: Sequence[float]) -> tuple[tuple[float, ...], float]:
+        w = _simplex_point(x)
+        key = tuple(round(v, 12) for v in w)
+        if key not in values:
+            y = float(loss(key))
+            if not math.isfinite(y):
+                raise FloatingPointError(f"held-out metric is {y} at weights {list(key)}")
+            values[key] = y
+        return key, values[key]
+
+    told_x: list[list[float]] = []
+    told_y: list[float] = []
+    for point in initial:
+        if len(values) >= budget:
+            break
+        if len(point) != n:
+            raise ValueError(f"initial point {list(point)} has {len(point)} weights, expected {n}")
+        key, y = evaluate(point)
+        told_x.append(list(key))
+        told_y.append(y)
+    if len(values) >= budget:
+        return tuple(values.items())
+
+    from skopt import Optimizer  # the only scikit-optimize import in the package
+    from threadpoolctl import threadpool_limits  # comes with scikit-learn
+
+    rng = np.random.default_rng(seed)
+    opt = Optimizer([(0.0, 1.0)] * n, base_estimator="GP", acq_func=acq_func,
+                    n_initial_points=max(2, len(told_x)), random_state=seed,
+                    acq_optimizer="sampling", acq_optimizer_kwargs={"n_points": 2000})
+
+    def gp(call, *args):
+        # tiny GP fits run several times faster on one BLAS thread; the limit is kept away from
+        # the objective, whose torch threads it would cap too
+        with warnings.catch_warnings(), threadpool_limits(limits=1):
+            warnings.simplefilter("ignore")
+            return call(*args)
+
+    if told_x:
+        gp(opt.tell, told_x, told_y)
+    asks = 0
+    while len(values) < budget:
+        asks += 1
+        if asks > 5 * budget + 20:
+            x = list(rng.dirichlet(np.ones(n)))
+        else:
+            x = [float(v) for v in gp(opt.ask)]
+        _, y = evaluate(x)
+        gp(opt.tell, x, y)
+    return tuple(values.items())

@@ -1,7 +1,7 @@
 """Two-process DDP run (gloo, CPU) with BayesMergeCallback; started by test_ddp.py.
 
 Lightning re-executes this script for rank 1, so it must be a standalone file.
-Usage: python ddp_lightning_script.py OUT_DIR
+Usage: python ddp_lightning_script.py OUT_DIR [averaging]
 """
 
 import json
@@ -19,11 +19,12 @@ from lightning_helpers import loaders, module  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
 
 
-def main(out: Path) -> None:
+def main(out: Path, averaging: bool) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     train, heldout = loaders()
-    cb = BayesMergeCallback(heldout=heldout, budget=3)
+    extra = dict(history=3, snapshot_every=2, ema_decays=(0.9,)) if averaging else {}
+    cb = BayesMergeCallback(heldout=heldout, budget=3 + 2 * averaging, **extra)
     trainer = L.Trainer(default_root_dir=str(out), max_steps=10, accelerator="cpu", devices=2,
                         strategy="ddp", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
@@ -36,4 +37,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), averaging=sys.argv[2:] == ["averaging"])

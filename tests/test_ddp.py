@@ -16,11 +16,11 @@ DIST_VARS = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"
              "MASTER_PORT", "GROUP_RANK"}
 
 
-def launch(script: str, out: Path, *prefix: str) -> None:
+def launch(script: str, out: Path, *prefix: str, args: tuple = ()) -> None:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]))
-    r = subprocess.run([*prefix, str(HERE / script), str(out)], env=env, capture_output=True,
+    r = subprocess.run([*prefix, str(HERE / script), str(out), *args], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
@@ -43,3 +43,13 @@ def test_lightning_ddp_two_processes_agree_and_reduce(tmp_path):
     assert ranks[0]["history"][0]["value_latest"] == pytest.approx(full, rel=1e-9)
     info = json.loads((tmp_path / "ckpt" / "soups" / "soup-step=10.json").read_text())
     assert info["lambda"] == ranks[0]["history"][0]["lambda"]
+
+
+def test_lightning_ddp_averaging_families(tmp_path):
+    launch("ddp_lightning_script.py", tmp_path, sys.executable, args=("averaging",))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    (h,) = [h for h in ranks[0]["history"] if h["step"] == 10]
+    info = json.loads((tmp_path / "ckpt" / "soups" / "soup-step=10.json").read_text())
+    assert info["family"] == h["family"] and info["lambda"] == h["lambda"]
+    assert {c["family"] for c in info["candidates"]} >= {"pairwise", "ema0.9", "geometric3"}
