@@ -85,11 +85,23 @@ class RoundConfig:
     strategy: str = "bayes"
     acq_func: str = "gp_hedge"
     seed: int = 0
+    warm_start: bool = False
+    stop_tol: float | None = None
 
     def __post_init__(self) -> None:
         validate_search_args(self.alpha, self.budget, self.strategy, self.acq_func)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"warm_start must be True or False, got {self.warm_start!r}")
+        if self.stop_tol is not None:
+            if isinstance(self.stop_tol, bool) or not isinstance(self.stop_tol, (int, float)) \
+                    or not self.stop_tol > 0:
+                raise ValueError(f"stop_tol must be a positive number or None, got "
+                                 f"{self.stop_tol!r}")
+            if self.strategy != "bayes":
+                raise ValueError(f"stop_tol needs strategy='bayes', got strategy="
+                                 f"{self.strategy!r}")
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,7 @@ def _live_targets(module: nn.Module, reference: Mapping[str, Tensor]) -> list[tu
 def run_round(module: nn.Module, previous: Snapshot, latest: Snapshot,
               evaluate: Callable[[nn.Module], float], config: RoundConfig, *,
               metric: str = "loss", higher_is_better: bool = False,
-              value_previous: float | None = None,
+              value_previous: float | None = None, initial: tuple[float, ...] = (),
               on_evaluation: Callable[[float, float], None] | None = None) -> RoundResult:
     """Search λ for ``soup = lerp(previous, latest, λ)`` on ``evaluate``; restore ``module``.
 
@@ -163,6 +175,8 @@ def run_round(module: nn.Module, previous: Snapshot, latest: Snapshot,
         metric, higher_is_better: recorded in the result; ``higher_is_better`` steers the search.
         value_previous: the previous weights' metric if already known (e.g. from the last round,
             where they were the latest); otherwise λ = 0 is evaluated once, outside the budget.
+        initial: λ values evaluated right after α and 1 (warm start, e.g. the last round's λ*;
+            used when ``config.warm_start``).
         on_evaluation: called with ``(λ, value)`` after each evaluation (progress reporting).
 
     Raises:
@@ -191,8 +205,10 @@ def run_round(module: nn.Module, previous: Snapshot, latest: Snapshot,
     try:
         result = search_lambda(objective, alpha=config.alpha, budget=config.budget,
                                strategy=config.strategy, acq_func=config.acq_func,
-                               seed=(config.seed + latest.step) % (2**31), 
-                               higher_is_better=higher_is_better)
+                               seed=(config.seed + latest.step) % (2**31),
+                               higher_is_better=higher_is_better,
+                               initial=initial if config.warm_start else (),
+                               stop_tol=config.stop_tol)
         if value_previous is None:
             value_previous = objective(0.0)
             extra = 1

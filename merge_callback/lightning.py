@@ -61,6 +61,9 @@ class BayesMergeCallback(Callback):
         ema_decays: per-step decays of host-side EMA tracks (updated every ``snapshot_every``
             steps with decay ``d ** snapshot_every``); each is offered as a candidate and blended
             with the latest weights, ``lerp(ema, latest, λ)``, λ ∈ [0, 1].
+        warm_start: also evaluate the last round's λ right after α and 1 (pairwise rounds).
+        stop_tol: end a round before the budget is spent once the Gaussian process expects no λ
+            to improve the metric by ``stop_tol`` or more (``strategy="bayes"`` only).
 
     Memory on the host: ``history`` copies of the weights at most (``history − 1`` between
     saves when ``snapshot_every`` is None) plus one per EMA decay. The candidate families share one
@@ -83,10 +86,12 @@ class BayesMergeCallback(Callback):
                  max_batches: int | None = None, soup_dir: str | os.PathLike | None = None,
                  every_n_saves: int = 1, seed: int = 0, on_error: str = "warn",
                  save_soups: bool = True, history: int = 2, snapshot_every: int | None = None,
-                 ema_decays: Sequence[float] = ()):
+                 ema_decays: Sequence[float] = (), warm_start: bool = False,
+                 stop_tol: float | None = None):
         super().__init__()
         self.config = RoundConfig(alpha=alpha, budget=budget, strategy=strategy,
-                                  acq_func=acq_func, seed=seed)
+                                  acq_func=acq_func, seed=seed, warm_start=warm_start,
+                                  stop_tol=stop_tol)
         self.metric = resolve_metric(metric, higher_is_better)
         if heldout is not None and not hasattr(heldout, "__iter__"):
             raise ValueError("heldout must be a DataLoader or an iterable of batches, or None to "
@@ -269,10 +274,12 @@ class BayesMergeCallback(Callback):
         if self._state["previous_step"] != previous.step:
             prev_value = None
         if self.pairwise_only:
+            last = self._state["history"][-1:]
             result = run_round(pl_module, previous, latest, self._evaluator, self.config,
                                metric=self.metric.name,
                                higher_is_better=self.metric.higher_is_better,
-                               value_previous=prev_value)
+                               value_previous=prev_value,
+                               initial=tuple(h["lambda"] for h in last))
             sources = families = None
         else:
             sources, families = self._families()

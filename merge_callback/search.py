@@ -114,7 +114,8 @@ def _largest_gap_midpoint(xs: Sequence[float], lo: float, hi: float) -> float:
 
 def search_lambda(objective: Callable[[float], float], *, alpha: float = 0.5, budget: int = 10,
                   strategy: str = "bayes", acq_func: str = "gp_hedge", seed: int = 0,
-                  higher_is_better: bool = False, initial: Sequence[float] = ()) -> SearchResult:
+                  higher_is_better: bool = False, initial: Sequence[float] = (),
+                  stop_tol: float | None = None) -> SearchResult:
     """Find the best λ ∈ [alpha, 1] with at most ``budget`` distinct evaluations of ``objective``.
 
     Args:
@@ -129,6 +130,7 @@ def search_lambda(objective: Callable[[float], float], *, alpha: float = 0.5, bu
         higher_is_better: maximise instead of minimise.
         initial: extra λ values evaluated right after alpha and 1 (e.g. last round's best λ);
             values outside [alpha, 1] are clipped.
+        stop_tol: see :func:`search_interval`; ``None`` always spends the whole budget.
 
     Returns:
         SearchResult with the best observed λ and all observations.
@@ -145,18 +147,22 @@ def search_lambda(objective: Callable[[float], float], *, alpha: float = 0.5, bu
     validate_search_args(alpha, budget, strategy, acq_func)
     return search_interval(objective, float(alpha), 1.0, budget=budget, strategy=strategy,
                            acq_func=acq_func, seed=seed, higher_is_better=higher_is_better,
-                           initial=initial)
+                           initial=initial, stop_tol=stop_tol)
 
 
 def search_interval(objective: Callable[[float], float], lo: float, hi: float, *, budget: int,
                     strategy: str = "bayes", acq_func: str = "gp_hedge", seed: int = 0,
                     higher_is_better: bool = False, initial: Sequence[float] = (),
-                    known: Mapping[float, float] | None = None) -> SearchResult:
+                    known: Mapping[float, float] | None = None,
+                    stop_tol: float | None = None) -> SearchResult:
     """Like :func:`search_lambda` on any interval ``[lo, hi]``, ``lo`` and ``hi`` evaluated first.
 
     Args:
         known: observations made earlier (``{x: value}``); they are not re-evaluated but count
             towards ``budget`` and appear first in the observations.
+        stop_tol: ``"bayes"`` only: stop before ``budget`` is spent once the Gaussian process
+            expects no point to improve on the best observation by ``stop_tol`` or more (in the
+            metric's units, e.g. nats for the loss).
         initial: points evaluated right after the endpoints (clipped to the interval).
         Other arguments as in :func:`search_lambda`; ``budget`` ≥ 1.
 
@@ -174,6 +180,9 @@ def search_interval(objective: Callable[[float], float], lo: float, hi: float, *
     if acq_func not in ACQ_FUNCS:
         raise ValueError(f"acq_func must be one of {', '.join(map(repr, ACQ_FUNCS))}, "
                          f"got {acq_func!r}")
+    if stop_tol is not None and (isinstance(stop_tol, bool) or
+                                 not isinstance(stop_tol, (int, float)) or not stop_tol > 0):
+        raise ValueError(f"stop_tol must be a positive number or None, got {stop_tol!r}")
     lo, hi = float(lo), float(hi)
     ev = _Evaluations(objective, higher_is_better, budget, known)
     for x in (lo, hi, *[min(hi, max(lo, float(x))) for x in initial]):
@@ -196,7 +205,7 @@ def search_interval(objective: Callable[[float], float], lo: float, hi: float, *
     elif strategy == "greedy":
         _golden_section(ev, lo, hi)
     elif not ev.done:
-        _bayes(ev, lo, hi, acq_func, seed)
+        _bayes(ev, lo, hi, acq_func, seed, stop_tol)
     return ev.result(strategy, acq_func if strategy == "bayes" else None)
 
 
@@ -218,26 +227,41 @@ def _golden_section(ev: _Evaluations, lo0: float, hi0: float) -> None:
                 ev(_largest_gap_midpoint(list(ev.values), lo0, hi0))
 
 
-def _bayes(ev: _Evaluations, lo: float, hi: float, acq_func: str, seed: int) -> None:
+def _bayes(ev: _Evaluations, lo: float, hi: float, acq_func: str, seed: int,
+           stop_tol: float | None = None) -> None:
     from skopt import Optimizer  # the only scikit-optimize import in the package
+    from threadpoolctl import threadpool_limits
 
     told = list(ev.values.items())
     opt = Optimizer([(lo, hi)], base_estimator="GP", acq_func=acq_func,
                     n_initial_points=len(told), random_state=seed, acq_optimizer="sampling",
                     acq_optimizer_kwargs={"n_points": 1000})
-    from threadpoolctl import threadpool_limits
-
     # one BLAS thread: the GP is tiny, and more threads only compete with training for cores
     with warnings.catch_warnings(), threadpool_limits(limits=1):
         # sklearn's GP warns about convergence on tiny, flat data sets; harmless here
         warnings.simplefilter("ignore")
         opt.tell([[x] for x, _ in told], [ev.sign * y for _, y in told])
         while not ev.done:
+            if (stop_tol is not None and len(ev.values) >= 4
+                    and _max_expected_improvement(opt, lo, hi) < stop_tol):
+                break
             x = float(opt.ask()[0])
             if min(abs(x - seen) for seen in ev.values) < 1e-4 * (hi - lo):
                 # the GP proposes an observed point again: explore the widest unexplored gap
                 x = _largest_gap_midpoint(list(ev.values), lo, hi)
             opt.tell([x], ev.loss(x))
+
+
+def _max_expected_improvement(opt, lo: float, hi: float) -> float:
+    """Largest expected improvement (in metric units) of the fitted GP over a 201-point grid."""
+    from skopt.acquisition import gaussian_ei
+
+    if not opt.models:
+        return math.inf
+    grid = [[float(x)] for x in np.linspace(lo, hi, 201)]
+    ei = gaussian_ei(opt.space.transform(grid), opt.models[-1], y_opt=float(np.min(opt.yi)),
+                     xi=0.0)
+    return float(np.max(ei))
 
 
 __all__ += ["bayes_simplex"]
@@ -259,8 +283,8 @@ def bayes_simplex(loss: Callable[[tuple[float, ...]], float], n: int, *, budget:
 
     Points are sampled unnormalised in ``[0, 1]^n`` and divided by their sum, so weights are
     ``≥ 0`` and sum to 1. ``initial`` points (weights) are evaluated first, in order. The budget
-    counts distinct weight vectors (rounded to 12 decimals): a proposal that normalises to an
-    observed point is answered from the cache; if the GP keeps proposing observed points, random
+    counts distinct weight vectors (compared after rounding to 12 decimals): a proposal that
+    normalises to an observed point is answered from the cache; if the GP keeps proposing observed points, random
     simplex points fill the rest of the budget.
 
     Args:
@@ -287,15 +311,18 @@ def bayes_simplex(loss: Callable[[tuple[float, ...]], float], n: int, *, budget:
                          f"got {acq_func!r}")
     values: dict[tuple[float, ...], float] = {}
 
+    points: dict[tuple[float, ...], tuple[float, ...]] = {}
+
     def evaluate(x: Sequence[float]) -> tuple[tuple[float, ...], float]:
         w = _simplex_point(x)
         key = tuple(round(v, 12) for v in w)
         if key not in values:
-            y = float(loss(key))
+            y = float(loss(w))
             if not math.isfinite(y):
-                raise FloatingPointError(f"held-out metric is {y} at weights {list(key)}")
+                raise FloatingPointError(f"held-out metric is {y} at weights {list(w)}")
             values[key] = y
-        return key, values[key]
+            points[key] = w
+        return points[key], values[key]
 
     told_x: list[list[float]] = []
     told_y: list[float] = []
@@ -304,11 +331,11 @@ def bayes_simplex(loss: Callable[[tuple[float, ...]], float], n: int, *, budget:
             break
         if len(point) != n:
             raise ValueError(f"initial point {list(point)} has {len(point)} weights, expected {n}")
-        key, y = evaluate(point)
-        told_x.append(list(key))
+        w, y = evaluate(point)
+        told_x.append(list(w))
         told_y.append(y)
     if len(values) >= budget:
-        return tuple(values.items())
+        return tuple((points[k], v) for k, v in values.items())
 
     from skopt import Optimizer  # the only scikit-optimize import in the package
     from threadpoolctl import threadpool_limits  # comes with scikit-learn
@@ -336,4 +363,4 @@ def bayes_simplex(loss: Callable[[tuple[float, ...]], float], n: int, *, budget:
             x = [float(v) for v in gp(opt.ask)]
         _, y = evaluate(x)
         gp(opt.tell, x, y)
-    return tuple(values.items())
+    return tuple((points[k], v) for k, v in values.items())

@@ -268,3 +268,18 @@ def test_weights_only_checkpoints_are_reported(tmp_path):
     with pytest.warns(UserWarning, match=r"save_weights_only=True\) saves without calling callbacks"):
         tr.fit(module(), loaders()[0])
     assert cb.history == []
+
+
+def test_warm_start_evaluates_the_last_lambda_and_stop_tol_is_validated(tmp_path):
+    cb = BayesMergeCallback(heldout=loaders()[1], budget=4, warm_start=True)
+    run(tmp_path, cb, max_steps=40)
+    soups = tmp_path / "ckpt" / "soups"
+    for prev, cur in zip(cb.history, cb.history[1:]):
+        info = json.loads((soups / f"soup-step={cur['step']}.json").read_text())
+        third = info["observations"][2][0]
+        assert third == pytest.approx(min(1.0, max(0.5, prev["lambda"])), abs=1e-12) or \
+            prev["lambda"] in (0.5, 1.0)
+    with pytest.raises(ValueError, match=r"stop_tol needs strategy='bayes', got strategy='grid'"):
+        BayesMergeCallback(stop_tol=1e-4, strategy="grid")
+    with pytest.raises(ValueError, match=r"warm_start must be True or False, got 1"):
+        BayesMergeCallback(warm_start=1)

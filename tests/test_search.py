@@ -75,3 +75,14 @@ def test_nan_is_an_error():
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         search_lambda(lambda x: x, **kwargs)
+
+
+def test_stop_tol_ends_a_flat_round_early_and_keeps_the_optimum():
+    f, calls = quad(curv=0.2)
+    full = search_lambda(f, budget=10)
+    f2, calls2 = quad(curv=0.2)
+    early = search_lambda(f2, budget=10, stop_tol=1e-4)
+    assert 4 <= early.n_evaluations < 10
+    assert early.value - full.value < 1e-4  # within the tolerance of the full search
+    with pytest.raises(ValueError, match="stop_tol must be a positive number or None, got 0"):
+        search_lambda(f, stop_tol=0)
