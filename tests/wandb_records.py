@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 
 
 def read_records(path):
@@ -34,11 +35,25 @@ def read_records(path):
             yield rec
 
 
-def history_rows(root) -> list[dict]:
-    """All history rows of the single offline run under ``root``."""
+def history_rows(root, timeout: float = 60.0) -> list[dict]:
+    """All history rows of the single offline run under ``root``.
+
+    The record log is written by W&B's service process; on a loaded machine it can lag behind
+    ``finish()``, so this waits (up to ``timeout`` seconds) for the run's exit record.
+    """
     (path,) = glob.glob(f"{root}/**/offline-run-*/run-*.wandb", recursive=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(read_records(path))
+        except Exception:  # noqa: BLE001 - a block being written; read again
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     rows = []
-    for rec in read_records(path):
+    for rec in records:
         if rec.WhichOneof("record_type") != "history":
             continue
         row: dict = {}
