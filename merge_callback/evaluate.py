@@ -156,7 +156,10 @@ def resolve_metric(metric: str | MetricFn, higher_is_better: bool | None = None)
         return m
     if callable(metric):
         if higher_is_better is None:
-            raise ValueError("a callable metric needs higher_is_better=True or False")
+            higher_is_better = getattr(metric, "higher_is_better", None)
+        if higher_is_better is None:
+            raise ValueError("a callable metric needs higher_is_better=True or False (as an "
+                             "argument or as the callable's `higher_is_better` attribute)")
         name = getattr(metric, "__name__", type(metric).__name__)
         return Metric(name, metric, bool(higher_is_better))
     raise ValueError(f"metric must be one of {', '.join(map(repr, BUILTIN_METRICS))} or a "

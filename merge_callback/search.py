@@ -9,6 +9,7 @@ evaluations (a repeated proposal is answered from a cache and costs nothing) and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -236,20 +237,31 @@ def _bayes(ev: _Evaluations, lo: float, hi: float, acq_func: str, seed: int,
     opt = Optimizer([(lo, hi)], base_estimator="GP", acq_func=acq_func,
                     n_initial_points=len(told), random_state=seed, acq_optimizer="sampling",
                     acq_optimizer_kwargs={"n_points": 1000})
-    # one BLAS thread: the GP is tiny, and more threads only compete with training for cores
-    with warnings.catch_warnings(), threadpool_limits(limits=1):
-        # sklearn's GP warns about convergence on tiny, flat data sets; harmless here
+
+    def quiet_gp():
+        # one BLAS thread for the tiny GP (more only compete with training for cores); sklearn's
+        # convergence warnings on tiny, flat data sets are harmless. The objective runs outside,
+        # with the caller's thread settings.
+        stack = contextlib.ExitStack()
+        stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
+        stack.enter_context(threadpool_limits(limits=1))
+        return stack
+
+    with quiet_gp():
         opt.tell([[x] for x, _ in told], [ev.sign * y for _, y in told])
-        while not ev.done:
+    while not ev.done:
+        with quiet_gp():
             if (stop_tol is not None and len(ev.values) >= 4
                     and _max_expected_improvement(opt, lo, hi) < stop_tol):
                 break
             x = float(opt.ask()[0])
-            if min(abs(x - seen) for seen in ev.values) < 1e-4 * (hi - lo):
-                # the GP proposes an observed point again: explore the widest unexplored gap
-                x = _largest_gap_midpoint(list(ev.values), lo, hi)
-            opt.tell([x], ev.loss(x))
+        if min(abs(x - seen) for seen in ev.values) < 1e-4 * (hi - lo):
+            # the GP proposes an observed point again: explore the widest unexplored gap
+            x = _largest_gap_midpoint(list(ev.values), lo, hi)
+        y = ev.loss(x)
+        with quiet_gp():
+            opt.tell([x], y)
 
 
 def _max_expected_improvement(opt, lo: float, hi: float) -> float:

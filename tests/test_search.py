@@ -86,3 +86,16 @@ def test_stop_tol_ends_a_flat_round_early_and_keeps_the_optimum():
     assert early.value - full.value < 1e-4  # within the tolerance of the full search
     with pytest.raises(ValueError, match="stop_tol must be a positive number or None, got 0"):
         search_lambda(f, stop_tol=0)
+
+
+def test_objective_runs_with_the_callers_torch_threads():
+    import torch
+
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        search_lambda(lambda x: seen.append(torch.get_num_threads()) or (x - 0.7) ** 2, budget=5)
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {2}  # the GP's one-thread limit does not reach the evaluations
