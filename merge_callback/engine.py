@@ -227,9 +227,29 @@ def run_round(module: nn.Module, previous: Snapshot, latest: Snapshot,
         acq_func=result.acq_func, seconds=time.perf_counter() - t0, extra_evaluations=extra)
 
 
-def soup_state_dict(previous: Snapshot, latest: Snapshot, lam: float) -> dict[str, Tensor]:
-    """The soup's full state dict (all keys of ``latest``; non-float tensors from ``latest``)."""
-    return lerp_state_dicts(previous.tensors, latest.tensors, lam)
+def soup_state_dict(previous: Snapshot, latest: Snapshot, lam: float,
+                    in_place: bool = False) -> dict[str, Tensor]:
+    """The soup's full state dict (all keys of ``latest``; non-float tensors from ``latest``).
+
+    With ``in_place=True`` the soup is built inside ``previous``'s tensors (no third copy of the
+    weights); ``previous`` must not be used afterwards. Both ways give ``torch.lerp`` bitwise.
+    """
+    if not in_place:
+        return lerp_state_dicts(previous.tensors, latest.tensors, lam)
+    check_compatible(previous.tensors, latest.tensors)
+    done: set[int] = set()
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for key, t in latest.tensors.items():
+            p = previous.tensors[key]
+            if not is_mergeable(t):
+                out[key] = t
+                continue
+            if id(p) not in done:  # tied weights share one host tensor: merge it once
+                p.lerp_(t, float(lam))
+                done.add(id(p))
+            out[key] = p
+    return out
 
 
 def write_soup_files(soup_dir, stem: str, tensors: Mapping[str, Tensor], result: RoundResult,

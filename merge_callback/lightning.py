@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,9 +15,12 @@ from typing_extensions import override
 
 from merge_callback.averaging import (EmaTrack, Family, combine, ema_family, geometric_family,
                                       pairwise_family, run_averaging_round)
-from merge_callback.engine import (RoundConfig, RoundResult, Snapshot, run_round, soup_state_dict,
+from merge_callback.engine import (RoundConfig, RoundResult, Snapshot, soup_state_dict,
                                    write_soup_files)
 from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric
+from merge_callback.fsdp import (BalancedHeldoutEvaluator, ShardedSnapshot, capture_snapshot,
+                                 check_strategy_supported, run_any_round, write_any_soup)
+from merge_callback.progress import RoundProgress
 from merge_callback.tracking import log_round_to_loggers
 
 __all__ = ["BayesMergeCallback"]
@@ -93,7 +95,8 @@ class BayesMergeCallback(Callback):
                                   acq_func=acq_func, seed=seed, warm_start=warm_start,
                                   stop_tol=stop_tol)
         self.metric = resolve_metric(metric, higher_is_better)
-        if heldout is not None and not hasattr(heldout, "__iter__"):
+        if heldout is not None and (not hasattr(heldout, "__iter__")
+                                    or isinstance(heldout, (str, bytes))):
             raise ValueError("heldout must be a DataLoader or an iterable of batches, or None to "
                              f"use the trainer's validation dataloader; got {type(heldout).__name__}")
         _check_positive_int("max_batches", max_batches, allow_none=True)
@@ -159,9 +162,12 @@ class BayesMergeCallback(Callback):
                                f"{type(cb).__name__}(save_weights_only=True) saves without calling "
                                "callbacks, so its saves start no merge round. HINT: use "
                                "save_weights_only=False")
+        self._mode = check_strategy_supported(trainer, pairwise_only=self.pairwise_only)
         data = self.heldout if self.heldout is not None else _validation_loader(trainer)
         sharded = isinstance(getattr(data, "sampler", None), DistributedSampler)
-        self._evaluator = HeldoutEvaluator(
+        # under FSDP2 every rank must run the same number of forward passes (parameter gathers)
+        evaluator_cls = BalancedHeldoutEvaluator if self._mode == "fsdp2" else HeldoutEvaluator
+        self._evaluator = evaluator_cls(
             data, self.metric, max_batches=self.max_batches, rank=trainer.global_rank,
             world_size=trainer.world_size, shard=not sharded, seed=self.config.seed,
             reduce_sum=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
@@ -179,7 +185,7 @@ class BayesMergeCallback(Callback):
             self._state["previous_step"] = self._state["previous_value"] = None
             return
         # resumed from the checkpoint saved at that step: its weights are the live weights
-        latest = Snapshot.capture(pl_module, prev)
+        latest = capture_snapshot(pl_module, prev)
         stored = self._restored_tensors or {}
         self._ring = [Snapshot(t, s) for s, t in stored.get("ring", [])] + [latest]
         for track in self._emas:
@@ -196,7 +202,7 @@ class BayesMergeCallback(Callback):
             return
         if self._ring and self._ring[-1].step == step:
             return  # gradient accumulation: several batches end at one optimizer step
-        snap = Snapshot.capture(pl_module, step)
+        snap = capture_snapshot(pl_module, step)
         self._push(snap)
         for track in self._emas:
             track.update(pl_module, step, snap)
@@ -246,7 +252,7 @@ class BayesMergeCallback(Callback):
         state["saves"] += 1
         state["last_save_step"] = step
         if not (self._ring and self._ring[-1].step == step):
-            self._push(Snapshot.capture(pl_module, step))
+            self._push(capture_snapshot(pl_module, step))
         value_latest = None
         if len(self._ring) >= 2 and state["saves"] % self.every_n_saves == 0:
             value_latest = self._guarded_round(trainer, pl_module)
@@ -275,11 +281,19 @@ class BayesMergeCallback(Callback):
             prev_value = None
         if self.pairwise_only:
             last = self._state["history"][-1:]
-            result = run_round(pl_module, previous, latest, self._evaluator, self.config,
-                               metric=self.metric.name,
-                               higher_is_better=self.metric.higher_is_better,
-                               value_previous=prev_value,
-                               initial=tuple(h["lambda"] for h in last))
+            progress = RoundProgress.for_trainer(trainer)
+            progress.start(self.config.budget + (prev_value is None), f"merge step={latest.step}",
+                           metric=self.metric.name, higher_is_better=self.metric.higher_is_better,
+                           lam_range=(self.config.alpha, 1.0))
+            try:
+                result = run_any_round(pl_module, previous, latest, self._evaluator, self.config,
+                                       metric=self.metric.name,
+                                       higher_is_better=self.metric.higher_is_better,
+                                       value_previous=prev_value,
+                                       initial=tuple(h["lambda"] for h in last),
+                                       on_evaluation=progress)
+            finally:
+                progress.close()
             sources = families = None
         else:
             sources, families = self._families()
@@ -291,15 +305,21 @@ class BayesMergeCallback(Callback):
                 alpha=c.alpha, value_previous=prev_value, previous_name="previous")
         # every rank computed the same reduced values; take rank zero's decision to be certain
         result = trainer.strategy.broadcast(result, src=0)
-        if self.save_soups and trainer.is_global_zero:
+        stem = f"soup-step={result.step}"
+        if self.save_soups and isinstance(latest, ShardedSnapshot):
+            write_any_soup(self._resolve_soup_dir(trainer), stem, previous, latest, result,
+                           is_global_zero=trainer.is_global_zero)  # collective: every rank
+        elif self.save_soups and trainer.is_global_zero:
             if families is None:
-                soup = soup_state_dict(previous, latest, result.lam)
+                # history=2: the previous weights are dropped after this round, so the soup is
+                # built inside them (no third copy of the weights on the host)
+                soup = soup_state_dict(previous, latest, result.lam,
+                                       in_place=self.history_size == 2)
             else:
                 fam = next(f for f in families if f.name == result.extras["family"])
                 soup = combine(fam, result.extras["param"],
                                {n: s.tensors for n, s in sources.items()}, latest.tensors)
-            write_soup_files(self._resolve_soup_dir(trainer), f"soup-step={result.step}", soup,
-                             result)
+            write_soup_files(self._resolve_soup_dir(trainer), stem, soup, result)
         entry = {"step": result.step, "lambda": result.lam, "value_soup": result.value_soup,
                  "value_latest": result.value_latest, "value_previous": result.value_previous,
                  "previous_step": result.previous_step}

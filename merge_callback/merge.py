@@ -151,11 +151,11 @@ def lerp_tensors_(out: Sequence[Tensor], previous: Sequence[Tensor], latest: Seq
         if lam == 0.0:
             torch._foreach_copy_(list(out), list(previous))
             return
-        torch._foreach_copy_(list(out), list(previous))
-        if out[0].device == latest[0].device:
-            torch._foreach_lerp_(list(out), list(latest), lam)
-        else:
-            for o, b in zip(out, latest):
+        for o, a, b in zip(out, previous, latest):
+            if o.device == a.device == b.device:
+                torch.lerp(a, b, lam, out=o)  # one pass: reads both inputs, writes once
+            else:
+                o.copy_(a, non_blocking=True)
                 o.lerp_(b.to(o.device, non_blocking=True), lam)
 
 

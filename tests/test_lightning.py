@@ -54,6 +54,7 @@ def run(root, *callbacks, dropout=0.0, shuffle=False, max_steps=30, ckpt_path=No
     ({"on_error": "ignore"}, r"on_error must be 'warn' or 'raise', got 'ignore'"),
     ({"seed": "1"}, r"seed must be an integer, got '1'"),
     ({"heldout": 3}, r"heldout must be a DataLoader or an iterable of batches, or None"),
+    ({"heldout": "val.txt"}, r"heldout must be a DataLoader or an iterable of batches, or None"),
 ])
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
