@@ -68,7 +68,9 @@ class BayesMergeCallback(Callback):
             to improve the metric by ``stop_tol`` or more (``strategy="bayes"`` only).
 
     Memory on the host: ``history`` copies of the weights at most (``history − 1`` between
-    saves when ``snapshot_every`` is None) plus one per EMA decay. The candidate families share one
+    saves when ``snapshot_every`` is None), plus the previous save's weights when newer snapshots
+    have pushed them out of those (``history · snapshot_every`` < the save interval), plus one per
+    EMA decay. The candidate families share one
     budget: the latest weights, then one far-end point per family, then a 1-D search inside the
     family that did best. With snapshots or EMA tracks the checkpoint also stores them, so a
     resumed run averages the same weights.
@@ -124,7 +126,8 @@ class BayesMergeCallback(Callback):
         self.snapshot_every = snapshot_every
         self.ema_decays = decays
         self._evaluator: HeldoutEvaluator | None = None
-        self._ring: list[Snapshot] = []  # recent weights, oldest first (the previous save last)
+        self._ring: list[Snapshot] = []  # recent weights, oldest first
+        self._last_save: Snapshot | None = None  # the weights of the previous checkpoint save
         self._emas = [EmaTrack(d, snapshot_every or 1) for d in decays]
         self._restored_tensors: dict[str, Any] | None = None
         self._state = self._initial_state()
@@ -188,6 +191,7 @@ class BayesMergeCallback(Callback):
         latest = capture_snapshot(pl_module, prev)
         stored = self._restored_tensors or {}
         self._ring = [Snapshot(t, s) for s, t in stored.get("ring", [])] + [latest]
+        self._last_save = latest
         for track in self._emas:
             ema = stored.get("ema", {}).get(track.name)
             if ema is not None:
@@ -241,6 +245,7 @@ class BayesMergeCallback(Callback):
         fresh = self._initial_state()
         self._state = {k: state_dict.get(k, v) for k, v in fresh.items()}
         self._ring = []
+        self._last_save = None
 
     # ---------------------------------------------------------------- work
     def _push(self, snap: Snapshot) -> None:
@@ -258,6 +263,7 @@ class BayesMergeCallback(Callback):
             value_latest = self._guarded_round(trainer, pl_module)
         # between rounds keep history - 1 copies: the next save brings the latest
         del self._ring[:-(self.history_size - 1)]
+        self._last_save = self._ring[-1]
         state["previous_step"] = step
         state["previous_value"] = value_latest
 
@@ -331,10 +337,12 @@ class BayesMergeCallback(Callback):
         return result
 
     def _previous_save(self) -> Snapshot:
-        """The previous checkpoint save if still held, else the most recent older snapshot."""
-        for snap in self._ring[:-1]:
-            if snap.step == self._state["previous_step"]:
-                return snap
+        """The previous checkpoint save's weights (kept even when newer snapshots pushed them out
+        of the ring), else the most recent older snapshot."""
+        last = self._last_save
+        if last is not None and last.step == self._state["previous_step"] \
+                and last.step < self._ring[-1].step:
+            return last
         return self._ring[-2]
 
     def _families(self) -> tuple[dict[str, Snapshot], list[Family]]:

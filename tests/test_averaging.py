@@ -148,3 +148,14 @@ def test_resume_with_snapshots_and_ema_tracks(tmp_path):
         a = tmp_path / "full" / "ckpt" / "soups" / f"soup-step={step}.safetensors"
         b = tmp_path / "part" / "ckpt" / "soups" / f"soup-step={step}.safetensors"
         assert_same_tensors(load_file(str(a)), load_file(str(b)))
+
+
+def test_pairwise_family_pairs_with_the_previous_save_beyond_the_ring(tmp_path):
+    # 2 snapshots every 2 steps cover 4 steps, saves are 10 apart: the previous save leaves the ring
+    cb = BayesMergeCallback(heldout=loaders()[1], budget=5, history=3, snapshot_every=2,
+                            ema_decays=(0.9,))
+    run(tmp_path, cb)
+    assert [(h["previous_step"], h["step"]) for h in cb.history] == [(8, 10), (10, 20), (20, 30)]
+    for h in cb.history[1:]:
+        info = json.loads((tmp_path / "ckpt" / "soups" / f"soup-step={h['step']}.json").read_text())
+        assert info["extra_evaluations"] == 0  # the previous save's value is known from its round
