@@ -240,6 +240,12 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
         on_error: ``"warn"`` (report a failed round, keep training) or ``"raise"``.
         save_soups: write soup folders (False: only log λ and the curves).
         keep_last_soups: keep only the newest K soup folders (``None``: keep all).
+        warm_start: also evaluate the last round's λ right after α and 1.
+        stop_tol: end a round early once the Gaussian process expects no λ to improve the metric
+            by ``stop_tol`` or more (``strategy="bayes"`` only).
+
+    The averaging families of ``BayesMergeCallback`` (``history``, ``snapshot_every``,
+    ``ema_decays``) are not available in this adapter yet.
 
     Raises:
         ValueError: for any invalid argument, naming what is allowed.
@@ -257,9 +263,11 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
                  strategy: str = "bayes", max_batches: int | None = None,
                  soup_dir: str | os.PathLike | None = None, every_n_saves: int = 1,
                  seed: int = 0, on_error: str = "warn", save_soups: bool = True,
-                 keep_last_soups: int | None = None):
+                 keep_last_soups: int | None = None, warm_start: bool = False,
+                 stop_tol: float | None = None):
         self.config = RoundConfig(alpha=alpha, budget=budget, strategy=strategy,
-                                  acq_func=acq_func, seed=seed)
+                                  acq_func=acq_func, seed=seed, warm_start=warm_start,
+                                  stop_tol=stop_tol)
         self.metric = resolve_metric(metric, higher_is_better)
         if heldout is not None and (isinstance(heldout, (str, bytes)) or (
                 not isinstance(heldout, (Dataset, IterableDataset)) and
@@ -324,7 +332,8 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
             "strategy": c.strategy, "max_batches": self.max_batches,
             "soup_dir": str(self.soup_dir) if self.soup_dir is not None else None,
             "every_n_saves": self.every_n_saves, "seed": c.seed, "on_error": self.on_error,
-            "save_soups": self.save_soups, "keep_last_soups": self.keep_last_soups}
+            "save_soups": self.save_soups, "keep_last_soups": self.keep_last_soups,
+            "warm_start": c.warm_start, "stop_tol": c.stop_tol}
         unsaved = []
         if self._metric_is_name:
             args["metric"] = self.metric.name
@@ -437,9 +446,11 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
     def _round(self, args, target: nn.Module, processing_class, previous: Snapshot,
                latest: Snapshot, value_previous: float | None) -> RoundResult:
         assert self._evaluator is not None
+        last = self.history[-1:]
         result = run_round(target, previous, latest, self._evaluator, self.config,
                            metric=self.metric.name, higher_is_better=self.metric.higher_is_better,
-                           value_previous=value_previous)
+                           value_previous=value_previous,
+                           initial=tuple(h["lambda"] for h in last))
         result = _broadcast(result)  # every rank reduced the same values; rank zero decides
         if self.save_soups and args.should_save:
             self._write_soup(args, target, processing_class, previous, latest, result)

@@ -478,3 +478,13 @@ def test_ddp_two_processes_reduce_and_agree(tmp_path):
     assert info["lambda"] == history[-1]["lambda"] < 1.0
     assert_is_lerp(out / "soups" / "soup-30", out / "checkpoint-20", out / "checkpoint-30",
                    info["lambda"])
+
+
+def test_warm_start_and_stop_tol_reach_the_round():
+    from merge_callback import BayesMergeTrainerCallback
+
+    cb = BayesMergeTrainerCallback(warm_start=True, stop_tol=1e-3)
+    assert cb.config.warm_start and cb.config.stop_tol == 1e-3
+    assert cb.state()["args"]["warm_start"] is True
+    with pytest.raises(ValueError, match=r"stop_tol needs strategy='bayes', got strategy='grid'"):
+        BayesMergeTrainerCallback(stop_tol=1e-3, strategy="grid")
