@@ -17,9 +17,9 @@ Two models: the tiny example model (GPT-NeoX, vocab 4096, hidden 128, 4 layers: 
 5. ``write`` — writing the soup (``engine.write_soup_files``) against
    ``safetensors.torch.save_file`` of the same tensors.
 
-Rows marked *proposal* run changed code defined in this file (single-pass merges, the soup built
-in place in the previous snapshot); they show what the package would measure with those changes
-and are not what it does today.
+Rows marked *proposal* run code defined in this file (single-pass merges, the soup built in place
+in the previous snapshot). The package has since adopted both, so they show its current round;
+the unmarked round and memory rows show the earlier soup build.
 
 Usage::
 
@@ -188,7 +188,7 @@ def bench_merge(name: str, module, prev: Snapshot, latest: Snapshot, reps: int) 
 
     variants = {
         "copy_ (reference)": (copy_, None),
-        "engine lerp_tensors_ (copy_ + _foreach_lerp_)": (lambda: lerp_tensors_(live, a, b, lam),
+        "package lerp_tensors_ (one torch.lerp(out=) per tensor since this change)": (lambda: lerp_tensors_(live, a, b, lam),
                                                           None),
         "proposal: torch.lerp(out=) per tensor": (
             lambda: lerp_tensors_single_pass_(live, a, b, lam), None),
@@ -565,7 +565,8 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-ENGINE_MERGE = "engine lerp_tensors_ (copy_ + _foreach_lerp_)"
+ENGINE_MERGE = "package lerp_tensors_ (one torch.lerp(out=) per tensor since this change)"
+PROPOSAL_NOTE = ("Rows marked *proposal* run code defined in `benchmarks/overhead.py` (single-pass merges, the soup built inside the previous snapshot), bitwise equal in result. The package has since adopted both (`merge.lerp_tensors_` merges in one pass; with `history=2` the callback builds the soup in the previous snapshot), so the *proposal* numbers are the package's current round, and the unmarked round/memory rows show the earlier soup build.")
 SINGLE_MERGE = "proposal: torch.lerp(out=) per tensor"
 INPLACE_MERGE = "in place _foreach_lerp_ (proposal: soup in the previous copy)"
 ENGINE_WRITE = "engine write_soup_files"
@@ -588,8 +589,7 @@ def render(res: dict, command: str) -> str:
       f"{env['transformers']}. **No GPU**: the CUDA path (pinned host snapshots, asynchronous "
       "copies, merges on the device, autocast evaluation) was not measured; see `docs/scale.md`.\n")
     w("Every number is a ratio of runs interleaved in this one process (medians of the "
-      "repetitions); raw times are in `overhead.json`. Rows marked *proposal* run code defined in "
-      "`benchmarks/overhead.py` that the package does not contain yet, bitwise equal in result.\n")
+      "repetitions); raw times are in `overhead.json`. " + PROPOSAL_NOTE + "\n")
     w("Models: " + ", ".join(f"{m['model']} ({m['params'] / 1e6:.1f}M parameters, "
                              f"{m['bytes'] / 2**20:.0f} MiB fp32)" for m in res["models"])
       + ". The tiny one is the default model of `examples/lightning_gpt_neox.py`; the other is "
