@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from merge_callback.engine import MergeRoundError, RoundResult, Snapshot, _live_targets
+from merge_callback.engine import (MergeRoundError, RoundResult, Snapshot, _live_targets,
+                                   soup_from_live)
 from merge_callback.merge import check_compatible, is_mergeable
 from merge_callback.search import search_interval
 
@@ -87,7 +88,7 @@ def combine_into_(out: Sequence[Tensor], sources: Sequence[Sequence[Tensor]],
             t = float(weights[1])
             torch._foreach_copy_(out, list(a) if t != 1.0 else list(b))
             if 0.0 < t < 1.0:
-                if out and out[0].device == b[0].device:
+                if _same_devices(out, b):
                     torch._foreach_lerp_(out, list(b), t)
                 else:
                     for o, x in zip(out, b):
@@ -99,16 +100,35 @@ def combine_into_(out: Sequence[Tensor], sources: Sequence[Sequence[Tensor]],
         if w0 != 1.0:
             torch._foreach_mul_(out, w0)
         for src, w in active[1:]:
-            if out and out[0].device == src[0].device:
+            if _same_devices(out, src):
                 torch._foreach_add_(out, list(src), alpha=w)
             else:
                 for o, x in zip(out, src):
                     o.add_(x.to(o.device, non_blocking=True), alpha=w)
 
 
+def _same_devices(out: Sequence[Tensor], src: Sequence[Tensor]) -> bool:
+    """True when every pair is on one device (a model may span several devices)."""
+    return all(o.device == x.device for o, x in zip(out, src))
+
+
 def combine(family: Family, t: float, sources: Mapping[str, Mapping[str, Tensor]],
-            latest: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The full state dict of ``family`` at ``t`` (new host tensors; non-float from ``latest``)."""
+            latest: Mapping[str, Tensor], module: nn.Module | None = None) -> dict[str, Tensor]:
+    """The full state dict of ``family`` at ``t`` (new host tensors; non-float from ``latest``).
+
+    ``module``: the live module the round scored in (holding ``latest``); when its weights are not
+    on the CPU the average is computed there, as it was when scored, and copied back (see
+    :func:`merge_callback.engine.soup_state_dict`).
+    """
+    if module is not None:
+        targets = _live_targets(module, latest)
+        if any(x.device.type != "cpu" for _, x in targets):
+            keys = [k for k, _ in targets]
+            live = [x for _, x in targets]
+            dests = [torch.empty_like(latest[k]) for k in keys]
+            srcs = [[sources[n][k] for k in keys] for n in family.sources]
+            return soup_from_live(latest, keys, live, dests, lambda: combine_into_(
+                live, srcs, family.weights(t), family.kind == "lerp"))
     keys = [k for k, v in latest.items() if is_mergeable(v)]
     out_t = {k: torch.empty_like(latest[k]) for k in keys}
     combine_into_([out_t[k] for k in keys], [[sources[n][k] for k in keys] for n in family.sources],

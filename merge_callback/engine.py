@@ -21,7 +21,7 @@ from merge_callback.merge import check_compatible, is_mergeable, lerp_state_dict
 from merge_callback.search import search_lambda, validate_search_args
 
 __all__ = ["Snapshot", "RoundConfig", "RoundResult", "MergeRoundError", "run_round",
-           "write_soup_files"]
+           "soup_state_dict", "soup_from_live", "write_soup_files"]
 
 
 class MergeRoundError(RuntimeError):
@@ -31,8 +31,12 @@ class MergeRoundError(RuntimeError):
 class Snapshot:
     """A host copy of a module's ``state_dict()`` at a training step.
 
-    Tensors that share memory in the module (tied weights) share one host copy. On CUDA the copies
-    go to pinned memory asynchronously and are synchronised before :meth:`capture` returns.
+    Tensors that share memory in the module (tied weights) share one host copy. The copies are
+    views into one flat host buffer per dtype (each tensor 64-byte aligned). On CUDA that buffer is
+    page-locked in place (``cudaHostRegister``: exactly the bytes needed, where pinned tensors from
+    the caching host allocator are rounded up to a power of two) and the copies are issued
+    asynchronously on the current stream: :meth:`capture` returns while they run, training's
+    next kernels on that stream come after them, and reading :attr:`tensors` waits for them.
 
     Args:
         tensors: key -> host tensor, in ``state_dict()`` order.
@@ -40,29 +44,84 @@ class Snapshot:
     """
 
     def __init__(self, tensors: dict[str, Tensor], step: int):
-        self.tensors = tensors
+        self._tensors = tensors
         self.step = int(step)
+        self._ready: list = []  # CUDA events recorded after the asynchronous copies
+        self._layout: tuple | None = None  # what capture(reuse=...) checks
+        self._hosts: list[Tensor] = []  # the distinct host tensors, in capture order
+        self._flats: list[Tensor] = []  # the flat buffers behind them (keep them page-locked)
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """key -> host tensor; waits for pending device-to-host copies first."""
+        self.wait()
+        return self._tensors
+
+    def wait(self) -> None:
+        """Block until the copies issued by :meth:`capture` have landed in host memory."""
+        ready, self._ready = self._ready, []
+        for event in ready:
+            event.synchronize()
 
     @classmethod
-    def capture(cls, module: nn.Module, step: int, pin_memory: bool | None = None) -> Snapshot:
+    def capture(cls, module: nn.Module, step: int, pin_memory: bool | None = None,
+                reuse: Snapshot | None = None) -> Snapshot:
+        """Copy ``module.state_dict()`` to host memory.
+
+        Args:
+            module: the live module.
+            step: the training step recorded with the copy.
+            pin_memory: page-lock the host buffer (default: when any tensor is on CUDA).
+            reuse: a snapshot nobody uses any more; when its tensors have the same keys, shapes
+                and dtypes, the copy goes into its buffers (no new allocation, no page faults,
+                no new page-locking) and ``reuse`` must not be used afterwards.
+        """
         sd = module.state_dict()
-        copies: dict[tuple, Tensor] = {}
-        out: dict[str, Tensor] = {}
-        any_cuda = False
+        index: dict[tuple, int] = {}
+        sources: list[Tensor] = []
+        entries: list[tuple[str, int]] = []
         for key, t in sd.items():
             t = t.detach()
-            ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
-                     tuple(t.shape), tuple(t.stride()), t.dtype)
-            if ident not in copies:
-                pin = (t.is_cuda if pin_memory is None else pin_memory) and torch.cuda.is_available()
-                host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-                host.copy_(t, non_blocking=t.is_cuda)
-                any_cuda |= t.is_cuda
-                copies[ident] = host
-            out[key] = copies[ident]
-        if any_cuda:
-            torch.cuda.synchronize()
-        return cls(out, step)
+            ident = _storage_ident(t)
+            if ident not in index:
+                index[ident] = len(sources)
+                sources.append(t)
+            entries.append((key, index[ident]))
+        layout = (tuple(entries), tuple((tuple(t.shape), t.dtype) for t in sources))
+        if reuse is not None and reuse._layout == layout:
+            reuse.wait()
+            hosts, flats = reuse._hosts, reuse._flats
+            reuse._tensors, reuse._hosts, reuse._flats, reuse._layout = {}, [], [], None
+        else:
+            any_cuda = any(t.is_cuda for t in sources)
+            pin = (any_cuda if pin_memory is None else bool(pin_memory)) and any_cuda
+            hosts, flats = _flat_host_buffers(sources, pin)
+        devices = set()
+        with torch.no_grad():
+            for host, t in zip(hosts, sources):
+                asynchronous = t.is_cuda and host.is_pinned()
+                host.copy_(t, non_blocking=asynchronous)
+                if t.is_cuda:
+                    devices.add(t.device)
+        snap = cls({key: hosts[i] for key, i in entries}, step)
+        snap._layout, snap._hosts, snap._flats = layout, hosts, flats
+        for device in devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            snap._ready.append(event)
+        return snap
+
+    @property
+    def page_locked(self) -> bool:
+        """Whether the host buffers are page-locked (CUDA training): worth keeping for reuse."""
+        return any(f.is_pinned() for f in self._flats)
+
+    def _take_buffers(self, other: Snapshot) -> None:
+        """Adopt ``other``'s tensors, buffers and pending copies (``other`` is left empty)."""
+        self._tensors, self._ready = other._tensors, other._ready
+        self._layout, self._hosts, self._flats = other._layout, other._hosts, other._flats
+        other._tensors, other._ready, other._layout, other._hosts, other._flats = {}, [], None, \
+            [], []
 
     @property
     def nbytes(self) -> int:
@@ -74,6 +133,51 @@ class Snapshot:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total
+
+
+def _storage_ident(t: Tensor) -> tuple:
+    """Identifies tensors that are the same memory (tied weights)."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            tuple(t.stride()), t.dtype)
+
+
+_ALIGN_BYTES = 64
+
+
+def _flat_host_buffers(sources: list[Tensor], pin: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Contiguous host tensors shaped like ``sources`` (views into one flat buffer per dtype),
+    and the flat buffers."""
+    offsets: list[int] = []
+    sizes: dict[torch.dtype, int] = {}
+    for t in sources:
+        align = max(1, _ALIGN_BYTES // t.element_size())
+        start = -(-sizes.get(t.dtype, 0) // align) * align
+        offsets.append(start)
+        sizes[t.dtype] = start + t.numel()
+    flats = {dtype: torch.empty(n, dtype=dtype, device="cpu") for dtype, n in sizes.items()}
+    if pin:
+        for flat in flats.values():
+            _page_lock(flat)
+    hosts = [flats[t.dtype][o:o + t.numel()].view(t.shape) for t, o in zip(sources, offsets)]
+    return hosts, list(flats.values())
+
+
+def _page_lock(flat: Tensor) -> bool:
+    """Page-lock ``flat``'s memory for asynchronous copies; unlocked when ``flat`` is freed.
+
+    Returns False (the memory stays pageable and copies into it are synchronous) if CUDA refuses.
+    """
+    import weakref
+
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes == 0:
+        return False
+    cudart = torch.cuda.cudart()
+    ptr = flat.data_ptr()
+    if int(cudart.cudaHostRegister(ptr, nbytes, 0)) != 0:
+        return False
+    weakref.finalize(flat, cudart.cudaHostUnregister, ptr)
+    return True
 
 
 @dataclass(frozen=True)
@@ -150,8 +254,7 @@ def _live_targets(module: nn.Module, reference: Mapping[str, Tensor]) -> list[tu
     for key, t in sd.items():
         if not is_mergeable(t):
             continue
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                 tuple(t.stride()), t.dtype)
+        ident = _storage_ident(t)
         if ident in seen:
             continue
         seen.add(ident)
@@ -228,12 +331,27 @@ def run_round(module: nn.Module, previous: Snapshot, latest: Snapshot,
 
 
 def soup_state_dict(previous: Snapshot, latest: Snapshot, lam: float,
-                    in_place: bool = False) -> dict[str, Tensor]:
+                    in_place: bool = False, module: nn.Module | None = None) -> dict[str, Tensor]:
     """The soup's full state dict (all keys of ``latest``; non-float tensors from ``latest``).
 
     With ``in_place=True`` the soup is built inside ``previous``'s tensors (no third copy of the
     weights); ``previous`` must not be used afterwards. Both ways give ``torch.lerp`` bitwise.
+
+    ``module`` is the live module the round scored the candidates in (holding ``latest``). When
+    its weights are not on the CPU, the soup is computed there by the same kernels, copied back
+    and the live weights restored, so that the soup written is bitwise the soup that was scored
+    (device and host kernels may round the last bit differently).
     """
+    if module is not None:
+        targets = _live_targets(module, latest.tensors)
+        if any(t.device.type != "cpu" for _, t in targets):
+            keys = [k for k, _ in targets]
+            live = [t for _, t in targets]
+            prev_t = [previous.tensors[k] for k in keys]
+            latest_t = [latest.tensors[k] for k in keys]
+            dests = prev_t if in_place else [torch.empty_like(t) for t in latest_t]
+            return soup_from_live(latest.tensors, keys, live, dests,
+                                  lambda: lerp_tensors_(live, prev_t, latest_t, lam))
     if not in_place:
         return lerp_state_dicts(previous.tensors, latest.tensors, lam)
     check_compatible(previous.tensors, latest.tensors)
@@ -250,6 +368,26 @@ def soup_state_dict(previous: Snapshot, latest: Snapshot, lam: float,
                 done.add(id(p))
             out[key] = p
     return out
+
+
+def soup_from_live(latest: Mapping[str, Tensor], keys: list[str], live: list[Tensor],
+                   dests: list[Tensor], apply: Callable[[], None]) -> dict[str, Tensor]:
+    """Run ``apply()`` (which writes the soup into the ``live`` tensors of ``keys``), copy the
+    live tensors into the host tensors ``dests``, and restore the live tensors from the host
+    state dict ``latest`` (also on an exception). Returns the soup's full state dict (non-float
+    tensors from ``latest``; tied keys share one tensor)."""
+    latest_t = [latest[k] for k in keys]
+    try:
+        apply()
+        with torch.no_grad():
+            for d, t in zip(dests, live):
+                d.copy_(t, non_blocking=t.is_cuda and d.is_pinned())
+        for device in {t.device for t in live if t.is_cuda}:
+            torch.cuda.current_stream(device).synchronize()
+    finally:
+        lerp_tensors_(live, latest_t, latest_t, 1.0)  # exact restore: copies the latest snapshot
+    by_id = {id(latest[k]): d for k, d in zip(keys, dests)}
+    return {k: by_id.get(id(t), t) if is_mergeable(t) else t for k, t in latest.items()}
 
 
 def write_soup_files(soup_dir, stem: str, tensors: Mapping[str, Tensor], result: RoundResult,

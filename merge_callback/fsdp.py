@@ -39,7 +39,6 @@ from merge_callback.engine import RoundConfig, RoundResult, Snapshot, run_round,
 from merge_callback.evaluate import HeldoutEvaluator, _eval_mode, _module_device, \
     move_to_device, preserved_rng
 from merge_callback.io import atomic_directory, atomic_write_json, save_safetensors_atomic
-from merge_callback.merge import lerp_state_dicts
 
 __all__ = [
     "SHARDED_FORMAT",
@@ -238,13 +237,16 @@ class ShardedSnapshot(Snapshot):
         self.layouts = layouts
 
     @classmethod
-    def capture(cls, module: nn.Module, step: int, pin_memory: bool | None = None
-                ) -> ShardedSnapshot:
-        """Copy the local shards of ``module``'s state dict to host memory (pinned on CUDA)."""
+    def capture(cls, module: nn.Module, step: int, pin_memory: bool | None = None,
+                reuse: Snapshot | None = None) -> ShardedSnapshot:
+        """Copy the local shards of ``module``'s state dict to host memory (pinned on CUDA;
+        ``reuse`` as in :meth:`Snapshot.capture`)."""
         local, layouts = local_state_dict(module)
         view = _TensorsModule(local)
-        snap = Snapshot.capture(view, step, pin_memory=pin_memory)
-        return cls(snap.tensors, step, layouts)
+        snap = Snapshot.capture(view, step, pin_memory=pin_memory, reuse=reuse)
+        out = cls({}, step, layouts)
+        out._take_buffers(snap)
+        return out
 
 
 class _TensorsModule(nn.Module):
@@ -258,12 +260,13 @@ class _TensorsModule(nn.Module):
         return dict(self._tensors)
 
 
-def capture_snapshot(module: nn.Module, step: int, pin_memory: bool | None = None) -> Snapshot:
+def capture_snapshot(module: nn.Module, step: int, pin_memory: bool | None = None,
+                     reuse: Snapshot | None = None) -> Snapshot:
     """A :class:`ShardedSnapshot` of the local shards if ``module`` is sharded, else
-    ``Snapshot.capture``."""
+    ``Snapshot.capture`` (``reuse``: a snapshot whose buffers may be overwritten)."""
     if is_sharded(module):
-        return ShardedSnapshot.capture(module, step, pin_memory=pin_memory)
-    return Snapshot.capture(module, step, pin_memory=pin_memory)
+        return ShardedSnapshot.capture(module, step, pin_memory=pin_memory, reuse=reuse)
+    return Snapshot.capture(module, step, pin_memory=pin_memory, reuse=reuse)
 
 
 class ShardLocalView(nn.Module):
@@ -403,8 +406,12 @@ def _broadcast_object(obj: Any) -> Any:
 
 def write_sharded_soup(soup_dir: str | os.PathLike, stem: str, previous: ShardedSnapshot,
                        latest: ShardedSnapshot, result: RoundResult,
-                       extra_metadata: Mapping[str, object] | None = None) -> Path:
+                       extra_metadata: Mapping[str, object] | None = None,
+                       module: nn.Module | None = None) -> Path:
     """Write this rank's pieces of ``lerp(previous, latest, result.lam)`` (collective).
+
+    ``module``: the sharded live module the round scored in; on a GPU the pieces are then
+    computed there, bitwise as scored (see :func:`merge_callback.engine.soup_state_dict`).
 
     Every rank writes ``shard-<rank>-of-<world>.safetensors`` into a temporary folder; rank 0 then
     writes ``index.json``, moves the folder to ``soup_dir/<stem>.sharded`` and writes the sidecar
@@ -428,8 +435,9 @@ def write_sharded_soup(soup_dir: str | os.PathLike, stem: str, previous: Sharded
     tmp = soup_dir / _broadcast_object(tmp_name)
     error: BaseException | None = None
     try:
-        pieces = {k: t for k, t in lerp_state_dicts(previous.tensors, latest.tensors,
-                                                    result.lam).items()
+        view = ShardLocalView(module) if module is not None else None
+        pieces = {k: t for k, t in soup_state_dict(previous, latest, result.lam,
+                                                   module=view).items()
                   if latest.layouts[k].owner}
         layout = {k: latest.layouts[k].to_json() for k in pieces}
         save_safetensors_atomic(tmp / shard_file_name(rank, world), pieces,
@@ -470,8 +478,12 @@ def write_sharded_soup(soup_dir: str | os.PathLike, stem: str, previous: Sharded
 
 def write_any_soup(soup_dir: str | os.PathLike, stem: str, previous: Snapshot, latest: Snapshot,
                    result: RoundResult, *, is_global_zero: bool,
-                   extra_metadata: Mapping[str, object] | None = None) -> Path | None:
+                   extra_metadata: Mapping[str, object] | None = None,
+                   module: nn.Module | None = None) -> Path | None:
     """Write the soup the way the snapshots call for; call on every rank.
+
+    ``module``: the live module the round scored in (the soup is then computed where it was
+    scored; see :func:`merge_callback.engine.soup_state_dict`).
 
     Sharded snapshots: :func:`write_sharded_soup` (collective). Otherwise rank zero writes
     ``<stem>.safetensors`` and ``<stem>.json`` with
@@ -480,10 +492,12 @@ def write_any_soup(soup_dir: str | os.PathLike, stem: str, previous: Snapshot, l
     if isinstance(latest, ShardedSnapshot):
         if not isinstance(previous, ShardedSnapshot):
             raise ValueError("previous and latest snapshots must both be sharded or both not")
-        return write_sharded_soup(soup_dir, stem, previous, latest, result, extra_metadata)
+        return write_sharded_soup(soup_dir, stem, previous, latest, result, extra_metadata,
+                                  module=module)
     if not is_global_zero:
         return None
-    st, _ = write_soup_files(soup_dir, stem, soup_state_dict(previous, latest, result.lam),
+    st, _ = write_soup_files(soup_dir, stem,
+                             soup_state_dict(previous, latest, result.lam, module=module),
                              result, extra_metadata)
     return st
 

@@ -75,6 +75,7 @@ class MergeSchedule:
     def __init__(self, every_n_saves: int = 1):
         self.every_n_saves = every_n_saves
         self.previous: Snapshot | None = None
+        self.spare: Snapshot | None = None  # page-locked buffers to reuse (CUDA), see on_save
         self.state = self.initial_state()
 
     @staticmethod
@@ -118,15 +119,20 @@ class MergeSchedule:
         st = self.state
         st["saves"] += 1
         st["last_save_step"] = step
-        latest = Snapshot.capture(module, step)
+        spare, self.spare = self.spare, None
+        latest = Snapshot.capture(module, step, reuse=spare)
         previous, self.previous = self.previous, latest
         value_previous = st["previous_value"]
         if previous is None or st["previous_step"] != previous.step:
             value_previous = None
         st["previous_step"], st["previous_value"] = step, None
         if previous is None or st["saves"] % self.every_n_saves:
+            self._drop(previous)
             return None
-        result = round_fn(previous, latest, value_previous)
+        try:
+            result = round_fn(previous, latest, value_previous)
+        finally:
+            self._drop(previous)
         st["previous_value"] = result.value_latest
         st["history"].append({"step": result.step, "lambda": result.lam,
                               "value_soup": result.value_soup,
@@ -134,6 +140,12 @@ class MergeSchedule:
                               "value_previous": result.value_previous,
                               "previous_step": result.previous_step})
         return result
+
+
+    def _drop(self, snap: Snapshot | None) -> None:
+        # page-locking host memory is slow: keep one dropped snapshot's buffers for the next save
+        if snap is not None and snap.page_locked:
+            self.spare = snap
 
 
 @contextlib.contextmanager
@@ -473,7 +485,8 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
                     target.save_pretrained(str(tmp))
             else:
                 save_safetensors_atomic(Path(tmp) / "model.safetensors",
-                                        soup_state_dict(previous, latest, result.lam),
+                                        soup_state_dict(previous, latest, result.lam,
+                                                        module=target),
                                         {"format": "pt"})
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(str(tmp))

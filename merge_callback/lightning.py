@@ -128,6 +128,7 @@ class BayesMergeCallback(Callback):
         self._evaluator: HeldoutEvaluator | None = None
         self._ring: list[Snapshot] = []  # recent weights, oldest first
         self._last_save: Snapshot | None = None  # the weights of the previous checkpoint save
+        self._spare: Snapshot | None = None  # page-locked buffers of a dropped snapshot (CUDA)
         self._emas = [EmaTrack(d, snapshot_every or 1) for d in decays]
         self._restored_tensors: dict[str, Any] | None = None
         self._state = self._initial_state()
@@ -206,7 +207,7 @@ class BayesMergeCallback(Callback):
             return
         if self._ring and self._ring[-1].step == step:
             return  # gradient accumulation: several batches end at one optimizer step
-        snap = capture_snapshot(pl_module, step)
+        snap = self._capture(pl_module, step)
         self._push(snap)
         for track in self._emas:
             track.update(pl_module, step, snap)
@@ -248,22 +249,39 @@ class BayesMergeCallback(Callback):
         self._last_save = None
 
     # ---------------------------------------------------------------- work
+    def _capture(self, pl_module: pl.LightningModule, step: int) -> Snapshot:
+        spare, self._spare = self._spare, None
+        return capture_snapshot(pl_module, step, reuse=spare)
+
     def _push(self, snap: Snapshot) -> None:
         self._ring.append(snap)
+        dropped = self._ring[:-self.history_size]
         del self._ring[:-self.history_size]
+        self._drop(dropped)
+
+    def _drop(self, dropped: list[Snapshot]) -> None:
+        """Keep the page-locked buffers of one snapshot nothing refers to any more, for the next
+        capture (page-locking is slow; pageable host memory is simply freed)."""
+        in_use = {id(s) for s in self._ring} | {id(self._last_save)}
+        in_use |= {id(t.snapshot) for t in self._emas}
+        for snap in dropped:
+            if id(snap) not in in_use and snap.page_locked:
+                self._spare = snap
 
     def _on_new_save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         state = self._state
         state["saves"] += 1
         state["last_save_step"] = step
         if not (self._ring and self._ring[-1].step == step):
-            self._push(capture_snapshot(pl_module, step))
+            self._push(self._capture(pl_module, step))
         value_latest = None
         if len(self._ring) >= 2 and state["saves"] % self.every_n_saves == 0:
             value_latest = self._guarded_round(trainer, pl_module)
         # between rounds keep history - 1 copies: the next save brings the latest
+        dropped = self._ring[:-(self.history_size - 1)] + [self._last_save]
         del self._ring[:-(self.history_size - 1)]
         self._last_save = self._ring[-1]
+        self._drop([s for s in dropped if s is not None])
         state["previous_step"] = step
         state["previous_value"] = value_latest
 
@@ -314,17 +332,19 @@ class BayesMergeCallback(Callback):
         stem = f"soup-step={result.step}"
         if self.save_soups and isinstance(latest, ShardedSnapshot):
             write_any_soup(self._resolve_soup_dir(trainer), stem, previous, latest, result,
-                           is_global_zero=trainer.is_global_zero)  # collective: every rank
+                           is_global_zero=trainer.is_global_zero,
+                           module=pl_module)  # collective: every rank
         elif self.save_soups and trainer.is_global_zero:
             if families is None:
                 # history=2: the previous weights are dropped after this round, so the soup is
                 # built inside them (no third copy of the weights on the host)
                 soup = soup_state_dict(previous, latest, result.lam,
-                                       in_place=self.history_size == 2)
+                                       in_place=self.history_size == 2, module=pl_module)
             else:
                 fam = next(f for f in families if f.name == result.extras["family"])
                 soup = combine(fam, result.extras["param"],
-                               {n: s.tensors for n, s in sources.items()}, latest.tensors)
+                               {n: s.tensors for n, s in sources.items()}, latest.tensors,
+                               module=pl_module)
             write_soup_files(self._resolve_soup_dir(trainer), stem, soup, result)
         entry = {"step": result.step, "lambda": result.lam, "value_soup": result.value_soup,
                  "value_latest": result.value_latest, "value_previous": result.value_previous,
