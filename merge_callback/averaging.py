@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from merge_callback.engine import (MergeRoundError, RoundResult, Snapshot, _live_targets,
-                                   soup_from_live)
+                                   soup_from_live, stage_on_devices)
 from merge_callback.merge import check_compatible, is_mergeable
 from merge_callback.search import search_interval
 
@@ -88,11 +88,7 @@ def combine_into_(out: Sequence[Tensor], sources: Sequence[Sequence[Tensor]],
             t = float(weights[1])
             torch._foreach_copy_(out, list(a) if t != 1.0 else list(b))
             if 0.0 < t < 1.0:
-                if _same_devices(out, b):
-                    torch._foreach_lerp_(out, list(b), t)
-                else:
-                    for o, x in zip(out, b):
-                        o.lerp_(x.to(o.device, non_blocking=True), t)
+                _foreach_on_out_devices(torch._foreach_lerp_, out, b, t)
             return
         active = [(s, float(w)) for s, w in zip(sources, weights) if w != 0.0]
         first, w0 = active[0]
@@ -100,11 +96,21 @@ def combine_into_(out: Sequence[Tensor], sources: Sequence[Sequence[Tensor]],
         if w0 != 1.0:
             torch._foreach_mul_(out, w0)
         for src, w in active[1:]:
-            if _same_devices(out, src):
-                torch._foreach_add_(out, list(src), alpha=w)
-            else:
-                for o, x in zip(out, src):
-                    o.add_(x.to(o.device, non_blocking=True), alpha=w)
+            _foreach_on_out_devices(lambda o, x, w=w: torch._foreach_add_(o, x, alpha=w), out,
+                                    src, None)
+
+
+def _foreach_on_out_devices(op: Callable, out: list[Tensor], src: Sequence[Tensor],
+                            scalar: float | None) -> None:
+    """``op(out, src[, scalar])`` with ``src`` copied to each ``out`` tensor's device where they
+    differ; always the same multi-tensor kernel, so the result does not depend on where ``src``
+    lives (host snapshot or a copy on the device)."""
+    args = () if scalar is None else (scalar,)
+    if _same_devices(out, src):
+        op(out, list(src), *args)
+        return
+    for o, x in zip(out, src):
+        op([o], [x.to(o.device, non_blocking=True)], *args)
 
 
 def _same_devices(out: Sequence[Tensor], src: Sequence[Tensor]) -> bool:
@@ -213,7 +219,9 @@ def run_averaging_round(module: nn.Module, sources: Mapping[str, Snapshot], late
         raise MergeRoundError(f"cannot average at step {latest.step}: {e}") from e
     keys = [k for k, _ in targets]
     live = [t for _, t in targets]
-    src_lists = {n: [s.tensors[k] for k in keys] for n, s in sources.items()}
+    names = list(sources)
+    src_lists = dict(zip(names, stage_on_devices(
+        live, [[sources[n].tensors[k] for k in keys] for n in names])))
     sign = -1.0 if higher_is_better else 1.0
     candidates: list[dict] = []
     cache: dict[tuple, float] = {}

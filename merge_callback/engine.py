@@ -21,7 +21,7 @@ from merge_callback.merge import check_compatible, is_mergeable, lerp_state_dict
 from merge_callback.search import search_lambda, validate_search_args
 
 __all__ = ["Snapshot", "RoundConfig", "RoundResult", "MergeRoundError", "run_round",
-           "soup_state_dict", "soup_from_live", "write_soup_files"]
+           "stage_on_devices", "soup_state_dict", "soup_from_live", "write_soup_files"]
 
 
 class MergeRoundError(RuntimeError):
@@ -262,6 +262,35 @@ def _live_targets(module: nn.Module, reference: Mapping[str, Tensor]) -> list[tu
     return out
 
 
+def stage_on_devices(live: list[Tensor], host_lists: list[list[Tensor]],
+                     headroom: float = 0.5) -> list[list[Tensor]]:
+    """Copies of ``host_lists`` (each aligned with ``live``) on the live tensors' devices, when
+    they take at most ``headroom`` of the memory free there; otherwise the host tensors.
+
+    With the operands on the device, each candidate soup is one device-bandwidth pass instead of
+    two host-to-device transfers of the weights; the copies live for one round. The copies are
+    issued asynchronously (from page-locked snapshots) on the current stream.
+    """
+    devices = {t.device for t in live if t.device.type == "cuda"}
+    if not devices:
+        return host_lists
+    need: dict[torch.device, int] = {}
+    for hosts in host_lists:
+        for h, o in zip(hosts, live):
+            if o.device.type == "cuda":
+                need[o.device] = need.get(o.device, 0) + h.numel() * h.element_size()
+    for device, nbytes in need.items():
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if nbytes > headroom * free:
+            return host_lists
+    try:
+        return [[h.to(o.device, non_blocking=True) if o.device.type == "cuda" else h
+                 for h, o in zip(hosts, live)] for hosts in host_lists]
+    except torch.OutOfMemoryError:
+        return host_lists
+
+
 def run_round(module: nn.Module, previous: Snapshot, latest: Snapshot,
               evaluate: Callable[[nn.Module], float], config: RoundConfig, *,
               metric: str = "loss", higher_is_better: bool = False,
@@ -294,8 +323,8 @@ def run_round(module: nn.Module, previous: Snapshot, latest: Snapshot,
             from e
     keys = [k for k, _ in targets]
     live = [t for _, t in targets]
-    prev_t = [previous.tensors[k] for k in keys]
-    latest_t = [latest.tensors[k] for k in keys]
+    prev_t, latest_t = stage_on_devices(live, [[previous.tensors[k] for k in keys],
+                                               [latest.tensors[k] for k in keys]])
 
     def objective(lam: float) -> float:
         lerp_tensors_(live, prev_t, latest_t, lam)

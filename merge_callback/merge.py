@@ -135,8 +135,9 @@ def lerp_tensors_(out: Sequence[Tensor], previous: Sequence[Tensor], latest: Seq
     """In place: ``out[i] = torch.lerp(previous[i], latest[i], lam)``, bitwise like ``torch.lerp``.
 
     ``out`` may live on another device than the inputs (e.g. live weights on a GPU, inputs in host
-    memory): the inputs are copied over first. ``out`` tensors must not share storage with each
-    other (see :func:`unique_tensors`).
+    memory): the inputs are copied over first and merged by the same ``torch.lerp(out=)`` call as
+    inputs already on that device, so the result does not depend on where the inputs live.
+    ``out`` tensors must not share storage with each other (see :func:`unique_tensors`).
     """
     lam = _check_weight(lam)
     if not (len(out) == len(previous) == len(latest)):
@@ -152,11 +153,10 @@ def lerp_tensors_(out: Sequence[Tensor], previous: Sequence[Tensor], latest: Seq
             torch._foreach_copy_(list(out), list(previous))
             return
         for o, a, b in zip(out, previous, latest):
-            if o.device == a.device == b.device:
-                torch.lerp(a, b, lam, out=o)  # one pass: reads both inputs, writes once
-            else:
-                o.copy_(a, non_blocking=True)
-                o.lerp_(b.to(o.device, non_blocking=True), lam)
+            if not o.device == a.device == b.device:
+                a = a.to(o.device, non_blocking=True)
+                b = b.to(o.device, non_blocking=True)
+            torch.lerp(a, b, lam, out=o)  # one pass: reads both inputs, writes once
 
 
 def unique_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
