@@ -419,6 +419,7 @@ def test_wandb_offline_and_tensorboard_get_the_scalars(tmp_path, monkeypatch):
 
     from wandb_records import history_rows
 
+    wandb.teardown()  # W&B reads WANDB_* once per process setup: start from a fresh one
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_PROJECT", "merge-test")
