@@ -132,7 +132,8 @@ def combine(family: Family, t: float, sources: Mapping[str, Mapping[str, Tensor]
             keys = [k for k, _ in targets]
             live = [x for _, x in targets]
             dests = [torch.empty_like(latest[k]) for k in keys]
-            srcs = [[sources[n][k] for k in keys] for n in family.sources]
+            srcs = stage_on_devices(live, [[sources[n][k] for k in keys]
+                                           for n in family.sources])  # as in the round
             return soup_from_live(latest, keys, live, dests, lambda: combine_into_(
                 live, srcs, family.weights(t), family.kind == "lerp"))
     keys = [k for k, v in latest.items() if is_mergeable(v)]

@@ -162,22 +162,46 @@ def _flat_host_buffers(sources: list[Tensor], pin: bool) -> tuple[list[Tensor], 
     return hosts, list(flats.values())
 
 
+_PAGE_LOCK_REFUSED = False  # after one refusal, later snapshots stay pageable
+
+
 def _page_lock(flat: Tensor) -> bool:
     """Page-lock ``flat``'s memory for asynchronous copies; unlocked when ``flat`` is freed.
 
-    Returns False (the memory stays pageable and copies into it are synchronous) if CUDA refuses.
+    Returns False (the memory stays pageable and copies into it are synchronous) if CUDA refuses;
+    then it is not tried again in this process.
     """
     import weakref
 
+    global _PAGE_LOCK_REFUSED
     nbytes = flat.numel() * flat.element_size()
-    if nbytes == 0:
+    if nbytes == 0 or _PAGE_LOCK_REFUSED:
         return False
     cudart = torch.cuda.cudart()
     ptr = flat.data_ptr()
     if int(cudart.cudaHostRegister(ptr, nbytes, 0)) != 0:
+        _PAGE_LOCK_REFUSED = True
+        # the runtime keeps the error as its "last error", which torch's binding cannot clear;
+        # the next checked kernel launch would raise it somewhere unrelated: consume it here
+        try:
+            torch.empty(1, device="cuda").zero_()
+        except RuntimeError:
+            pass
+        import warnings
+        warnings.warn(f"merge_callback: CUDA refused to page-lock {nbytes} bytes of host memory; "
+                      "weight snapshots use pageable memory and synchronous copies from now on",
+                      RuntimeWarning, stacklevel=3)
         return False
-    weakref.finalize(flat, cudart.cudaHostUnregister, ptr)
+    weakref.finalize(flat, _page_unlock, ptr)
     return True
+
+
+def _page_unlock(ptr: int) -> None:
+    # a copy into the buffer may still be in flight (a snapshot dropped right after its capture):
+    # let the devices finish before the memory becomes pageable and is freed
+    for device in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(device)
+    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 @dataclass(frozen=True)
@@ -268,26 +292,38 @@ def stage_on_devices(live: list[Tensor], host_lists: list[list[Tensor]],
     they take at most ``headroom`` of the memory free there; otherwise the host tensors.
 
     With the operands on the device, each candidate soup is one device-bandwidth pass instead of
-    two host-to-device transfers of the weights; the copies live for one round. The copies are
-    issued asynchronously (from page-locked snapshots) on the current stream.
+    two host-to-device transfers of the weights; the copies live for one round, and the rest of
+    the free memory stays for the evaluation. The copies are issued asynchronously (from
+    page-locked snapshots) on the current stream. A host tensor that appears in several lists
+    (one snapshot under two names) is copied once.
     """
     devices = {t.device for t in live if t.device.type == "cuda"}
     if not devices:
         return host_lists
     need: dict[torch.device, int] = {}
+    seen: set[int] = set()
     for hosts in host_lists:
         for h, o in zip(hosts, live):
-            if o.device.type == "cuda":
+            if o.device.type == "cuda" and id(h) not in seen:
+                seen.add(id(h))
                 need[o.device] = need.get(o.device, 0) + h.numel() * h.element_size()
     for device, nbytes in need.items():
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         if nbytes > headroom * free:
             return host_lists
+    copies: dict[int, Tensor] = {}
+
+    def on_device(h: Tensor, o: Tensor) -> Tensor:
+        if o.device.type != "cuda":
+            return h
+        if id(h) not in copies:
+            copies[id(h)] = h.to(o.device, non_blocking=True)
+        return copies[id(h)]
+
     try:
-        return [[h.to(o.device, non_blocking=True) if o.device.type == "cuda" else h
-                 for h, o in zip(hosts, live)] for hosts in host_lists]
-    except torch.OutOfMemoryError:
+        return [[on_device(h, o) for h, o in zip(hosts, live)] for hosts in host_lists]
+    except torch.cuda.OutOfMemoryError:
         return host_lists
 
 
@@ -379,8 +415,10 @@ def soup_state_dict(previous: Snapshot, latest: Snapshot, lam: float,
             prev_t = [previous.tensors[k] for k in keys]
             latest_t = [latest.tensors[k] for k in keys]
             dests = prev_t if in_place else [torch.empty_like(t) for t in latest_t]
+            # operands on the device as in the round (same kernel on the same inputs)
+            prev_d, latest_d = stage_on_devices(live, [prev_t, latest_t])
             return soup_from_live(latest.tensors, keys, live, dests,
-                                  lambda: lerp_tensors_(live, prev_t, latest_t, lam))
+                                  lambda: lerp_tensors_(live, prev_d, latest_d, lam))
     if not in_place:
         return lerp_state_dicts(previous.tensors, latest.tensors, lam)
     check_compatible(previous.tensors, latest.tensors)

@@ -383,6 +383,9 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
             context=trainer.accelerator.autocast)
         self._restore(state, _unwrap(model if model is not None else trainer.model))
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.schedule.spare = None  # give recycled page-locked memory back
+
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         step = state.global_step
         if self._evaluator is None or not self.schedule.is_new_save(step):

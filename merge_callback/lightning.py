@@ -229,6 +229,10 @@ class BayesMergeCallback(Callback):
                         for t in self._emas if t.snapshot is not None}}
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._spare = None  # give recycled page-locked memory back when fit ends
+
+    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._restored_tensors = checkpoint.get(self._tensors_key)

@@ -721,7 +721,7 @@ class OutOfDomainCallback(Callback):
         assert self._evaluator is not None
         latest_value = float(self._evaluator(pl_module))
         soup = load_file(str(self.soup_dir / f"soup-step={step}.safetensors"))
-        latest = Snapshot.capture(pl_module, step)
+        latest = Snapshot.capture(pl_module, step, pin_memory=False)  # read once, on the host
         try:
             pl_module.load_state_dict(soup, strict=True)
             soup_value = float(self._evaluator(pl_module))
