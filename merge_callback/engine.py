@@ -50,6 +50,7 @@ class Snapshot:
         self._layout: tuple | None = None  # what capture(reuse=...) checks
         self._hosts: list[Tensor] = []  # the distinct host tensors, in capture order
         self._flats: list[Tensor] = []  # the flat buffers behind them (keep them page-locked)
+        self._locked = False  # whether those are page-locked
 
     @property
     def tensors(self) -> dict[str, Tensor]:
@@ -90,21 +91,22 @@ class Snapshot:
         layout = (tuple(entries), tuple((tuple(t.shape), t.dtype) for t in sources))
         if reuse is not None and reuse._layout == layout:
             reuse.wait()
-            hosts, flats = reuse._hosts, reuse._flats
+            hosts, flats, locked = reuse._hosts, reuse._flats, reuse._locked
             reuse._tensors, reuse._hosts, reuse._flats, reuse._layout = {}, [], [], None
+            reuse._locked = False
         else:
             any_cuda = any(t.is_cuda for t in sources)
             pin = (any_cuda if pin_memory is None else bool(pin_memory)) and any_cuda
-            hosts, flats = _flat_host_buffers(sources, pin)
+            hosts, flats, locked = _flat_host_buffers(sources, pin)
         devices = set()
         with torch.no_grad():
             for host, t in zip(hosts, sources):
-                asynchronous = t.is_cuda and host.is_pinned()
+                asynchronous = t.is_cuda and locked
                 host.copy_(t, non_blocking=asynchronous)
                 if t.is_cuda:
                     devices.add(t.device)
         snap = cls({key: hosts[i] for key, i in entries}, step)
-        snap._layout, snap._hosts, snap._flats = layout, hosts, flats
+        snap._layout, snap._hosts, snap._flats, snap._locked = layout, hosts, flats, locked
         for device in devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
@@ -114,14 +116,16 @@ class Snapshot:
     @property
     def page_locked(self) -> bool:
         """Whether the host buffers are page-locked (CUDA training): worth keeping for reuse."""
-        return any(f.is_pinned() for f in self._flats)
+        return self._locked
 
     def _take_buffers(self, other: Snapshot) -> None:
         """Adopt ``other``'s tensors, buffers and pending copies (``other`` is left empty)."""
         self._tensors, self._ready = other._tensors, other._ready
         self._layout, self._hosts, self._flats = other._layout, other._hosts, other._flats
+        self._locked = other._locked
         other._tensors, other._ready, other._layout, other._hosts, other._flats = {}, [], None, \
             [], []
+        other._locked = False
 
     @property
     def nbytes(self) -> int:
@@ -144,9 +148,10 @@ def _storage_ident(t: Tensor) -> tuple:
 _ALIGN_BYTES = 64
 
 
-def _flat_host_buffers(sources: list[Tensor], pin: bool) -> tuple[list[Tensor], list[Tensor]]:
+def _flat_host_buffers(sources: list[Tensor], pin: bool
+                       ) -> tuple[list[Tensor], list[Tensor], bool]:
     """Contiguous host tensors shaped like ``sources`` (views into one flat buffer per dtype),
-    and the flat buffers."""
+    the flat buffers, and whether they are all page-locked."""
     offsets: list[int] = []
     sizes: dict[torch.dtype, int] = {}
     for t in sources:
@@ -155,11 +160,9 @@ def _flat_host_buffers(sources: list[Tensor], pin: bool) -> tuple[list[Tensor], 
         offsets.append(start)
         sizes[t.dtype] = start + t.numel()
     flats = {dtype: torch.empty(n, dtype=dtype, device="cpu") for dtype, n in sizes.items()}
-    if pin:
-        for flat in flats.values():
-            _page_lock(flat)
+    locked = pin and all([_page_lock(flat) for flat in flats.values()])
     hosts = [flats[t.dtype][o:o + t.numel()].view(t.shape) for t, o in zip(sources, offsets)]
-    return hosts, list(flats.values())
+    return hosts, list(flats.values()), locked
 
 
 _PAGE_LOCK_REFUSED = False  # after one refusal, later snapshots stay pageable
