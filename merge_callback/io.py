@@ -86,8 +86,9 @@ def save_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Tenso
     """Save ``tensors`` as a safetensors file atomically.
 
     ``metadata`` values are stored as strings in the file header (non-strings JSON-encoded).
-    Tensors are made contiguous and moved to the CPU; tensors sharing memory are written as
-    separate copies.
+    Tensors are made contiguous and moved to the CPU; tensors whose bytes overlap (tied weights)
+    are written as separate copies, while disjoint views of one buffer (host snapshots) are
+    written as they are, without a copy.
     """
     from safetensors.torch import save_file
 
@@ -95,17 +96,18 @@ def save_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Tenso
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): v if isinstance(v, str) else json.dumps(json_safe(v))
             for k, v in (metadata or {}).items()}
-    seen: set[int] = set()
-    out: dict[str, Tensor] = {}
-    for k, t in tensors.items():
-        t = t.detach().to("cpu")
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            t = t.clone(memory_format=torch.contiguous_format)
-        elif not t.is_contiguous():
-            t = t.contiguous()
-        seen.add(t.untyped_storage().data_ptr())
-        out[k] = t
+    out = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    keys = list(out)
+    reach = -1  # end of the bytes covered so far, scanning by start address
+    for i in sorted(range(len(keys)), key=lambda i: (out[keys[i]].data_ptr(), i)):
+        t = out[keys[i]]
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0:
+            continue
+        if t.data_ptr() < reach:  # overlaps a tensor kept as it is: write a copy
+            out[keys[i]] = t.clone()
+        else:
+            reach = t.data_ptr() + nbytes
     tmp = _tmp_path(path)
     try:
         save_file(out, str(tmp), metadata=meta)

@@ -187,3 +187,28 @@ def test_hf_schedule_recycles_the_previous_snapshot(recycle):
     for p, q, a, b in pairs:
         assert torch.equal(a, weights[p]) and torch.equal(b, weights[q])
     assert torch.equal(sched.previous.tensors["weight"], weights[30])
+
+
+def test_soup_writer_copies_tied_tensors_only(tmp_path, monkeypatch):
+    from merge_callback.io import save_safetensors_atomic
+
+    flat = torch.arange(24, dtype=torch.float32)
+    tensors = {"a": flat[0:6].view(2, 3), "b": flat[8:24].view(4, 4), "tied": flat[0:6].view(2, 3),
+               "part": flat[4:10], "empty": flat[6:6], "t": torch.ones(3, 2).t()}
+    clones = []
+    real_clone = torch.Tensor.clone
+
+    def counting_clone(self, *args, **kwargs):
+        clones.append(self.shape)
+        return real_clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+    path = save_safetensors_atomic(tmp_path / "s.safetensors", tensors, {"k": 1})
+    monkeypatch.undo()
+    # "tied" repeats "a", "part" overlaps "a" and "b"; the disjoint views are written in place
+    assert sorted(clones) == [torch.Size([2, 3]), torch.Size([6])]
+    loaded = load_file(str(path))
+    assert sorted(loaded) == sorted(tensors)
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v), k
+    assert torch.equal(flat, torch.arange(24, dtype=torch.float32))  # the source is untouched
