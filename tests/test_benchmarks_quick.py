@@ -1,4 +1,4 @@
-"""The quality benchmark end to end in its --quick mode, and the per-step EMA tracker it uses."""
+"""Benchmarks end to end in their --quick modes (quality, overhead), and the per-step EMA tracker."""
 
 from __future__ import annotations
 
@@ -141,3 +141,23 @@ def test_quick_benchmark_writes_consistent_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--quick", "--parts", "nope", "--out", str(out)])
     assert "--parts must be a comma-separated subset of quality,users,pilot,search" in capsys.readouterr().err
+
+
+def test_overhead_benchmark_quick_runs_the_package(tmp_path):
+    """``benchmarks/overhead.py --quick`` end to end: the kernels it times are the package's and
+    agree bitwise, the measured memory counts hold, and the report is written."""
+    from benchmarks import overhead
+
+    assert overhead.main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "overhead_quick.json").read_text())
+    merge = res["merge"][0]
+    assert merge["model"] == "tiny" and all(merge["bitwise"].values())
+    snap = res["snapshot"][0]
+    assert snap["reuse_kept_buffers"] and snap["capture_equals_weights"]
+    mem = res["memory"][0]
+    assert mem["between_rounds_counted"] == 1 and mem["during_round_counted"] == 2
+    rnd = res["round"][0]
+    assert rnd["budget"] == 10 and 0.0 < rnd["non_pass_share"] < 1.0
+    assert res["steps"][0]["callback_held_a_snapshot"]
+    text = (tmp_path / "overhead_quick.md").read_text()
+    assert "## Targets missed, and why" in text and "| tiny |" in text
