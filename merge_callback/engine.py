@@ -160,7 +160,8 @@ def _flat_host_buffers(sources: list[Tensor], pin: bool
         offsets.append(start)
         sizes[t.dtype] = start + t.numel()
     flats = {dtype: torch.empty(n, dtype=dtype, device="cpu") for dtype, n in sizes.items()}
-    locked = pin and all([_page_lock(flat) for flat in flats.values()])
+    devices = tuple(sorted({t.device.index or 0 for t in sources if t.is_cuda}))
+    locked = pin and all([_page_lock(flat, devices) for flat in flats.values()])
     hosts = [flats[t.dtype][o:o + t.numel()].view(t.shape) for t, o in zip(sources, offsets)]
     return hosts, list(flats.values()), locked
 
@@ -168,11 +169,12 @@ def _flat_host_buffers(sources: list[Tensor], pin: bool
 _PAGE_LOCK_REFUSED = False  # after one refusal, later snapshots stay pageable
 
 
-def _page_lock(flat: Tensor) -> bool:
+def _page_lock(flat: Tensor, devices: tuple[int, ...] = ()) -> bool:
     """Page-lock ``flat``'s memory for asynchronous copies; unlocked when ``flat`` is freed.
 
     Returns False (the memory stays pageable and copies into it are synchronous) if CUDA refuses;
-    then it is not tried again in this process.
+    then it is not tried again in this process. ``devices``: the CUDA devices that copy into it
+    (synchronised before it is unlocked).
     """
     import weakref
 
@@ -180,9 +182,14 @@ def _page_lock(flat: Tensor) -> bool:
     nbytes = flat.numel() * flat.element_size()
     if nbytes == 0 or _PAGE_LOCK_REFUSED:
         return False
-    cudart = torch.cuda.cudart()
     ptr = flat.data_ptr()
-    if int(cudart.cudaHostRegister(ptr, nbytes, 0)) != 0:
+    try:
+        cudart = torch.cuda.cudart()
+        status = int(cudart.cudaHostRegister(ptr, nbytes, 0))
+    except (AttributeError, RuntimeError):  # a torch build without the runtime binding
+        _PAGE_LOCK_REFUSED = True
+        return False
+    if status != 0:
         _PAGE_LOCK_REFUSED = True
         # the runtime keeps the error as its "last error", which torch's binding cannot clear;
         # the next checked kernel launch would raise it somewhere unrelated: consume it here
@@ -195,16 +202,19 @@ def _page_lock(flat: Tensor) -> bool:
                       "weight snapshots use pageable memory and synchronous copies from now on",
                       RuntimeWarning, stacklevel=3)
         return False
-    weakref.finalize(flat, _page_unlock, ptr)
+    weakref.finalize(flat, _page_unlock, ptr, devices)
     return True
 
 
-def _page_unlock(ptr: int) -> None:
+def _page_unlock(ptr: int, devices: tuple[int, ...]) -> None:
     # a copy into the buffer may still be in flight (a snapshot dropped right after its capture):
-    # let the devices finish before the memory becomes pageable and is freed
-    for device in range(torch.cuda.device_count()):
-        torch.cuda.synchronize(device)
-    torch.cuda.cudart().cudaHostUnregister(ptr)
+    # let those devices finish before the memory becomes pageable and is freed
+    try:
+        for device in devices:
+            torch.cuda.synchronize(device)
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # noqa: BLE001 - at interpreter exit CUDA may already be shut down
+        pass
 
 
 @dataclass(frozen=True)
