@@ -238,22 +238,33 @@ class HeldoutEvaluator:
         self.context = context or contextlib.nullcontext
         self.seed = seed
 
+    #: every rank runs the same number of forward passes (see ``fsdp.BalancedHeldoutEvaluator``)
+    balanced = False
+
     def totals(self, module: nn.Module) -> tuple[float, float, int]:
         """Return ``(total, count, batches)`` summed over all ranks."""
         device = _module_device(module)
         total = torch.zeros((), dtype=torch.float64, device=device)
         count = torch.zeros((), dtype=torch.float64, device=device)
-        batches = 0
+        batches = seen = 0
+        first = None
         with preserved_rng(self.seed), _eval_mode(module), torch.inference_mode(), self.context():
             for i, batch in enumerate(self.data):
                 if self.max_batches is not None and i >= self.max_batches:
                     break
+                seen += 1
+                if first is None:
+                    first = batch
                 if self.shard and i % self.world_size != self.rank:
                     continue
                 t, c = self.metric.fn(module, move_to_device(batch, device))
                 total += torch.as_tensor(t, dtype=torch.float64, device=device)
                 count += torch.as_tensor(c, dtype=torch.float64, device=device)
                 batches += 1
+            if self.balanced:
+                target = math.ceil(seen / self.world_size) if self.shard else batches
+                for _ in range(target - batches):  # padding forwards: results discarded
+                    self.metric.fn(module, move_to_device(first, device))
         stats = torch.stack([total, count, torch.tensor(float(batches), dtype=torch.float64,
                                                         device=device)])
         if self.reduce_sum is not None:

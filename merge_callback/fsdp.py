@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -36,8 +35,7 @@ from torch import Tensor, nn
 
 from merge_callback.engine import RoundConfig, RoundResult, Snapshot, run_round, \
     soup_state_dict, write_soup_files
-from merge_callback.evaluate import HeldoutEvaluator, _eval_mode, _module_device, \
-    move_to_device, preserved_rng
+from merge_callback.evaluate import HeldoutEvaluator
 from merge_callback.io import atomic_directory, atomic_write_json, save_safetensors_atomic
 
 __all__ = [
@@ -308,39 +306,7 @@ class BalancedHeldoutEvaluator(HeldoutEvaluator):
     the data must give every rank the same number of batches (a ``DistributedSampler`` does).
     """
 
-    def totals(self, module: nn.Module) -> tuple[float, float, int]:
-        from merge_callback.evaluate import EmptyHeldoutError
-
-        device = _module_device(module)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = torch.zeros((), dtype=torch.float64, device=device)
-        batches = seen = 0
-        first = None
-        with preserved_rng(self.seed), _eval_mode(module), torch.inference_mode(), self.context():
-            for i, batch in enumerate(self.data):
-                if self.max_batches is not None and i >= self.max_batches:
-                    break
-                seen += 1
-                if first is None:
-                    first = batch
-                if self.shard and i % self.world_size != self.rank:
-                    continue
-                t, c = self.metric.fn(module, move_to_device(batch, device))
-                total += torch.as_tensor(t, dtype=torch.float64, device=device)
-                count += torch.as_tensor(c, dtype=torch.float64, device=device)
-                batches += 1
-            target = math.ceil(seen / self.world_size) if self.shard else batches
-            for _ in range(target - batches):  # padding forwards: results discarded
-                self.metric.fn(module, move_to_device(first, device))
-        stats = torch.stack([total, count, torch.tensor(float(batches), dtype=torch.float64,
-                                                        device=device)])
-        if self.reduce_sum is not None:
-            stats = self.reduce_sum(stats)
-        total_f, count_f, batches_f = (float(x) for x in stats.cpu().tolist())
-        if batches_f == 0:
-            raise EmptyHeldoutError("the held-out data yielded no batches; pass a non-empty "
-                                    "heldout loader (or check max_batches)")
-        return total_f, count_f, int(batches_f)
+    balanced = True
 
 
 def run_shard_local_round(module: nn.Module, previous: ShardedSnapshot, latest: ShardedSnapshot,

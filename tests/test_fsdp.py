@@ -173,6 +173,22 @@ def test_balanced_evaluator_matches_the_plain_one_on_one_process():
     assert BalancedHeldoutEvaluator(heldout, metric)(m) == HeldoutEvaluator(heldout, metric)(m)
 
 
+def test_balanced_evaluator_pads_the_rank_with_fewer_batches():
+    m = module()
+    _, heldout = loaders()
+    n = len(heldout)
+    assert n % 2 == 1  # rank 1 of 2 gets one batch fewer than rank 0
+    metric = resolve_metric("loss")
+    calls = []
+    m.register_forward_hook(lambda *_: calls.append(1))
+    for cls, expected in ((HeldoutEvaluator, n // 2), (BalancedHeldoutEvaluator, n // 2 + 1)):
+        calls.clear()
+        ev = cls(heldout, metric, rank=1, world_size=2)
+        _, _, batches = ev.totals(m)
+        assert batches == n // 2  # the padding forward is not counted
+        assert len(calls) == expected, cls.__name__
+
+
 # ----------------------------------------------------------------------------- two ranks
 
 def _ckpt(root: Path, step: int) -> dict:
