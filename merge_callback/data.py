@@ -16,7 +16,7 @@ import sysconfig
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -268,6 +268,20 @@ def _read_text_file(p: Path) -> list[str]:
     if p.suffix.lower() == ".txt":
         return [p.read_text(encoding="utf-8")]
     docs = []
+    for where, record in iter_jsonl(p, "read_texts: "):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"read_texts: {where} has no string field 'text'")
+        docs.append(record["text"])
+    return docs
+
+
+def iter_jsonl(path: str | os.PathLike, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield ``("<path>:<line>", record)`` for every non-blank line of a JSONL file.
+
+    Raises:
+        ValueError: ``"<prefix><path>:<line> is not valid JSON: ..."`` for a malformed line.
+    """
+    p = Path(path)
     with p.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -275,11 +289,8 @@ def _read_text_file(p: Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"read_texts: {p}:{lineno} is not valid JSON: {exc}") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"read_texts: {p}:{lineno} has no string field 'text'")
-            docs.append(record["text"])
-    return docs
+                raise ValueError(f"{prefix}{p}:{lineno} is not valid JSON: {exc}") from None
+            yield f"{p}:{lineno}", record
 
 
 # --------------------------------------------------------------------------- tokenizer

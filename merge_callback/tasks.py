@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from merge_callback.data import iter_jsonl
 from merge_callback.evaluate import Metric, forward_logits
 
 __all__ = [
@@ -90,16 +91,7 @@ def read_multiple_choice(path: str | os.PathLike) -> list[MultipleChoiceExample]
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"multiple-choice task not found: {p}")
-    examples = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{p}:{lineno} is not valid JSON: {exc}") from None
-            examples.append(_parse_example(record, f"{p}:{lineno}"))
+    examples = [_parse_example(record, where) for where, record in iter_jsonl(p)]
     if not examples:
         raise ValueError(f"{p} holds no questions; each line must be {_FIELDS}")
     return examples
