@@ -289,7 +289,7 @@ def iter_jsonl(path: str | os.PathLike, prefix: str = "") -> Iterator[tuple[str,
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{prefix}{p}:{lineno} is not valid JSON: {exc}") from None
+                raise ValueError(f"{prefix}{p}:{lineno} is not valid JSON: {exc}") from exc
             yield f"{p}:{lineno}", record
 
 

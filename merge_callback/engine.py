@@ -154,12 +154,18 @@ def _flat_host_buffers(sources: list[Tensor], pin: bool
     the flat buffers, and whether they are all page-locked."""
     offsets: list[int] = []
     sizes: dict[torch.dtype, int] = {}
+    gaps: list[tuple[torch.dtype, int, int]] = []
     for t in sources:
         align = max(1, _ALIGN_BYTES // t.element_size())
-        start = -(-sizes.get(t.dtype, 0) // align) * align
+        end = sizes.get(t.dtype, 0)
+        start = -(-end // align) * align
+        if start > end:
+            gaps.append((t.dtype, end, start))
         offsets.append(start)
         sizes[t.dtype] = start + t.numel()
     flats = {dtype: torch.empty(n, dtype=dtype, device="cpu") for dtype, n in sizes.items()}
+    for dtype, a, b in gaps:  # the alignment padding: no stale process memory in saved buffers
+        flats[dtype][a:b].zero_()
     devices = tuple(sorted({t.device.index or 0 for t in sources if t.is_cuda}))
     locked = pin and all([_page_lock(flat, devices) for flat in flats.values()])
     hosts = [flats[t.dtype][o:o + t.numel()].view(t.shape) for t, o in zip(sources, offsets)]

@@ -253,7 +253,7 @@ class HeldoutEvaluator:
                 if self.max_batches is not None and i >= self.max_batches:
                     break
                 seen += 1
-                if first is None:
+                if first is None and self.balanced:
                     first = batch
                 if self.shard and i % self.world_size != self.rank:
                     continue

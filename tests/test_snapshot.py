@@ -212,3 +212,28 @@ def test_soup_writer_copies_tied_tensors_only(tmp_path, monkeypatch):
     for k, v in tensors.items():
         assert torch.equal(loaded[k], v), k
     assert torch.equal(flat, torch.arange(24, dtype=torch.float32))  # the source is untouched
+
+
+def test_snapshot_buffers_hold_no_stale_bytes_between_tensors(tmp_path):
+    """The alignment padding is zeroed: a snapshot saved with torch.save (the ring and EMA
+    snapshots in a Lightning checkpoint) is the same file for the same weights."""
+    m = mixed_module()
+    files = []
+    for i in range(3):
+        junk = torch.full((1 << 16,), float("nan"))  # dirty some freed memory first
+        del junk
+        snap = Snapshot.capture(m, 1)
+        for flat in snap._flats:
+            covered = torch.zeros(flat.numel(), dtype=torch.bool)
+            base = flat.data_ptr()
+            for t in snap._hosts:
+                if t.dtype == flat.dtype and t.numel():
+                    start = (t.data_ptr() - base) // t.element_size()
+                    covered[start:start + t.numel()] = True
+            gaps = flat[~covered]
+            assert torch.equal(gaps, torch.zeros_like(gaps)), flat.dtype
+        path = tmp_path / f"run{i}" / "snap.pt"  # (torch.save names the archive after the file)
+        path.parent.mkdir()
+        torch.save(snap.tensors, path)
+        files.append(path.read_bytes())
+    assert files[0] == files[1] == files[2]
