@@ -46,40 +46,15 @@ from pathlib import Path
 
 import torch
 
+from merge_callback.cli import non_negative_int, positive_float, positive_int
+
 VOCAB_SIZE = 4096
 NUM_HEADS = 4
 EVAL_BATCH_SIZE = 32
 STDLIB_CHARS = 1_000_000
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,23 +65,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default="runs/lightning_gpt_neox",
                    help="tokenizer cache, logs, checkpoints and soups")
-    p.add_argument("--steps", type=_positive_int, default=1200, help="optimizer steps")
-    p.add_argument("--save_every", type=_positive_int, default=100,
+    p.add_argument("--steps", type=positive_int, default=1200, help="optimizer steps")
+    p.add_argument("--save_every", type=positive_int, default=100,
                    help="checkpoint (and merge round) every N steps")
-    p.add_argument("--batch_size", type=_positive_int, default=16, help="blocks per step")
-    p.add_argument("--block_size", type=_positive_int, default=128, help="tokens per block")
-    p.add_argument("--hidden_size", type=_positive_int, default=128,
+    p.add_argument("--batch_size", type=positive_int, default=16, help="blocks per step")
+    p.add_argument("--block_size", type=positive_int, default=128, help="tokens per block")
+    p.add_argument("--hidden_size", type=positive_int, default=128,
                    help=f"model width (divisible by {NUM_HEADS} heads)")
-    p.add_argument("--num_layers", type=_positive_int, default=4, help="transformer layers")
-    p.add_argument("--lr", type=_positive_float, default=2e-3, help="constant learning rate")
-    p.add_argument("--warmup", type=_non_negative_int, default=100, help="linear warmup steps")
+    p.add_argument("--num_layers", type=positive_int, default=4, help="transformer layers")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="constant learning rate")
+    p.add_argument("--warmup", type=non_negative_int, default=100, help="linear warmup steps")
     p.add_argument("--budget", type=int, default=10, help="held-out evaluations per round")
     p.add_argument("--alpha", type=float, default=0.5, help="lower bound of λ")
-    p.add_argument("--heldout_tokens", type=_positive_int, default=16384,
+    p.add_argument("--heldout_tokens", type=positive_int, default=16384,
                    help="tokens per held-out evaluation (random blocks of the held-out plays); "
                         "the out-of-domain shard gets as many")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data order and search")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     p.add_argument("--wandb", action="store_true", help="also log to an offline W&B run")
     args = p.parse_args(argv)
     if args.steps < 2 * args.save_every:

@@ -65,13 +65,34 @@ class CLIError(ValueError):
 
 # --------------------------------------------------------------------------- argument parsing
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """``argparse`` type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return v
 
 
@@ -110,11 +131,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer folder for text held-out data (default: the checkpoint "
                         "folder's, or --model's)")
-    g.add_argument("--block_size", type=_positive_int, metavar="T",
+    g.add_argument("--block_size", type=positive_int, metavar="T",
                    help="tokens per held-out block (default: the model's context, at most 1024)")
-    g.add_argument("--batch_size", type=_positive_int, default=8, metavar="B",
+    g.add_argument("--batch_size", type=positive_int, default=8, metavar="B",
                    help="held-out blocks (or questions) per forward pass")
-    g.add_argument("--max_batches", type=_positive_int, metavar="N",
+    g.add_argument("--max_batches", type=positive_int, metavar="N",
                    help="evaluate only the first N batches of each held-out file")
     g.add_argument("--device", default="auto",
                    help="evaluation device: auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -187,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight search (default: bayes for 2 checkpoints, cmaes for more)")
     s.add_argument("--weights", type=_float_list, metavar="W1,W2,...",
                    help="fixed weights, one per checkpoint, >= 0 and summing to 1 (no search)")
-    s.add_argument("--budget", type=_positive_int, default=10, metavar="N",
+    s.add_argument("--budget", type=positive_int, default=10, metavar="N",
                    help="held-out evaluations for bayes/cmaes (with N checkpoints, the first N+1 "
                         "are each checkpoint and the uniform soup; with 2, λ = alpha and λ = 1)")
     s.add_argument("--alpha", type=float, default=0.5,
@@ -197,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma0", type=float, metavar="S",
                    help="cmaes initial step size on unnormalised weights in [0, 1] "
                         "(default: optuna's, 1/6)")
-    s.add_argument("--popsize", type=_positive_int, metavar="P",
+    s.add_argument("--popsize", type=positive_int, metavar="P",
                    help="cmaes population (default: 4 + 3·ln N)")
     s.add_argument("--seed", type=int, default=0, help="seed of the search")
     s.add_argument("--max_shard_size", default="5GB", metavar="SIZE",
@@ -215,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--heldout val.txt --out sweep/")
     sweep.add_argument("checkpoints", nargs="*", metavar="CKPT",
                        help="two checkpoints A B, oldest first")
-    sweep.add_argument("--points", type=_positive_int, default=21, metavar="K",
+    sweep.add_argument("--points", type=positive_int, default=21, metavar="K",
                        help="number of λ values, >= 2")
     _add_eval_options(sweep)
     _add_output_options(sweep, "sweep.csv, sweep.png, sweep.json")
@@ -273,7 +294,7 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     if isinstance(value, (list, dict)):
         raise CLIError(f"{where} must be a single value, got {value!r}")
     if action.type is not None:
-        if isinstance(value, bool) or (action.type in (int, _positive_int)
+        if isinstance(value, bool) or (action.type in (int, positive_int)
                                        and isinstance(value, float)):
             raise CLIError(f"{where}: expected {getattr(action.type, '__name__', 'a value')}, "
                            f"got {value!r}")
