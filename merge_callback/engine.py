@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +22,8 @@ from merge_callback.merge import check_compatible, is_mergeable, lerp_state_dict
 from merge_callback.search import search_lambda, validate_search_args
 
 __all__ = ["Snapshot", "RoundConfig", "RoundResult", "MergeRoundError", "run_round",
-           "stage_on_devices", "soup_state_dict", "soup_from_live", "write_soup_files"]
+           "stage_on_devices", "soup_state_dict", "soup_from_live", "write_soup_files",
+           "check_positive_int", "validate_callback_args"]
 
 
 class MergeRoundError(RuntimeError):
@@ -221,6 +223,31 @@ def _page_unlock(ptr: int, devices: tuple[int, ...]) -> None:
         torch.cuda.cudart().cudaHostUnregister(ptr)
     except Exception:  # noqa: BLE001 - at interpreter exit CUDA may already be shut down
         pass
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False,
+                       none_means: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer >= 1 (or None, if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = f" or None{none_means}" if allow_none else ""
+        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
+
+
+def validate_callback_args(*, max_batches: Any, every_n_saves: Any, on_error: Any,
+                           keep_last_soups: Any = None) -> None:
+    """Check the adapter arguments that are not search settings or the metric.
+
+    Raises:
+        ValueError: naming the argument and what is allowed.
+    """
+    check_positive_int("max_batches", max_batches, allow_none=True)
+    check_positive_int("every_n_saves", every_n_saves)
+    if on_error not in ("warn", "raise"):
+        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+    check_positive_int("keep_last_soups", keep_last_soups, allow_none=True,
+                       none_means=" (keep all)")
 
 
 @dataclass(frozen=True)

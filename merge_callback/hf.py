@@ -26,7 +26,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
                       "with `pip install 'merge_callback[hf]'`") from _e
 
 from merge_callback.engine import (RoundConfig, RoundResult, Snapshot, _live_targets, run_round,
-                                   soup_state_dict)
+                                   soup_state_dict, validate_callback_args)
 from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric
 from merge_callback.io import (atomic_directory, atomic_write_bytes, atomic_write_json,
                                save_safetensors_atomic)
@@ -40,27 +40,6 @@ _SOUP_NAME = re.compile(r"^soup-(\d+)$")
 
 
 # --------------------------------------------------------------------------- framework-free parts
-def validate_callback_args(*, max_batches: Any, every_n_saves: Any, on_error: Any,
-                           keep_last_soups: Any = None) -> None:
-    """Check the adapter arguments that are not search settings or the metric.
-
-    Raises:
-        ValueError: naming the argument and what is allowed.
-    """
-    if max_batches is not None and (isinstance(max_batches, bool) or
-                                    not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-    if isinstance(every_n_saves, bool) or not isinstance(every_n_saves, int) or every_n_saves < 1:
-        raise ValueError(f"every_n_saves must be a positive integer, got {every_n_saves!r}")
-    if on_error not in ("warn", "raise"):
-        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
-    if keep_last_soups is not None and (isinstance(keep_last_soups, bool) or
-                                        not isinstance(keep_last_soups, int) or
-                                        keep_last_soups < 1):
-        raise ValueError("keep_last_soups must be a positive integer or None (keep all), "
-                         f"got {keep_last_soups!r}")
-
-
 class MergeSchedule:
     """Which checkpoint saves run a round, the previous snapshot, and the resumable state.
 

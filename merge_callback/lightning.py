@@ -15,8 +15,8 @@ from typing_extensions import override
 
 from merge_callback.averaging import (EmaTrack, Family, combine, ema_family, geometric_family,
                                       pairwise_family, run_averaging_round)
-from merge_callback.engine import (RoundConfig, RoundResult, Snapshot, soup_state_dict,
-                                   write_soup_files)
+from merge_callback.engine import (RoundConfig, RoundResult, Snapshot, check_positive_int,
+                                   soup_state_dict, validate_callback_args, write_soup_files)
 from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric
 from merge_callback.fsdp import (BalancedHeldoutEvaluator, ShardedSnapshot, capture_snapshot,
                                  check_strategy_supported, run_any_round, write_any_soup)
@@ -101,14 +101,12 @@ class BayesMergeCallback(Callback):
                                     or isinstance(heldout, (str, bytes))):
             raise ValueError("heldout must be a DataLoader or an iterable of batches, or None to "
                              f"use the trainer's validation dataloader; got {type(heldout).__name__}")
-        _check_positive_int("max_batches", max_batches, allow_none=True)
-        _check_positive_int("every_n_saves", every_n_saves)
-        if on_error not in ("warn", "raise"):
-            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        validate_callback_args(max_batches=max_batches, every_n_saves=every_n_saves,
+                               on_error=on_error)
         if isinstance(history, bool) or not isinstance(history, int) or history < 2:
             raise ValueError(f"history must be an integer >= 2 (weights kept, the latest included), "
                              f"got {history!r}")
-        _check_positive_int("snapshot_every", snapshot_every, allow_none=True)
+        check_positive_int("snapshot_every", snapshot_every, allow_none=True)
         decays = tuple(ema_decays)
         if any(isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d < 1.0)
                for d in decays) or len(set(decays)) != len(decays):
@@ -391,14 +389,6 @@ class BayesMergeCallback(Callback):
         if dirpath:
             return Path(dirpath) / "soups"
         return Path(trainer.default_root_dir) / "soups"
-
-
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
 
 
 def _validation_loader(trainer: pl.Trainer) -> Any:

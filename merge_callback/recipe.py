@@ -41,7 +41,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from merge_callback.engine import Snapshot
+from merge_callback.engine import Snapshot, check_positive_int
 from merge_callback.evaluate import HeldoutEvaluator
 from merge_callback.lightning import BayesMergeCallback
 
@@ -668,9 +668,7 @@ class OutOfDomainCallback(Callback):
     def __init__(self, merge_callback: BayesMergeCallback, ood: Any,
                  soup_dir: str | os.PathLike, max_batches: int | None = None):
         super().__init__()
-        if max_batches is not None and (isinstance(max_batches, bool) or
-                                        not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        check_positive_int("max_batches", max_batches, allow_none=True)
         self.merge_callback = merge_callback
         self.ood = ood
         self.soup_dir = Path(soup_dir)
