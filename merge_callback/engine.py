@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from merge_callback.io import atomic_write_json, save_safetensors_atomic
-from merge_callback.merge import check_compatible, is_mergeable, lerp_state_dicts, lerp_tensors_
+from merge_callback.merge import (check_compatible, is_mergeable, lerp_state_dicts, lerp_tensors_,
+                                  storage_ident)
 from merge_callback.search import search_lambda, validate_search_args
 
 __all__ = ["Snapshot", "RoundConfig", "RoundResult", "MergeRoundError", "run_round",
@@ -49,10 +50,7 @@ class Snapshot:
         self._tensors = tensors
         self.step = int(step)
         self._ready: list = []  # CUDA events recorded after the asynchronous copies
-        self._layout: tuple | None = None  # what capture(reuse=...) checks
-        self._hosts: list[Tensor] = []  # the distinct host tensors, in capture order
-        self._flats: list[Tensor] = []  # the flat buffers behind them (keep them page-locked)
-        self._locked = False  # whether those are page-locked
+        self._buffers: _HostBuffers | None = None  # set by capture; what reuse= takes over
 
     @property
     def tensors(self) -> dict[str, Tensor]:
@@ -85,30 +83,27 @@ class Snapshot:
         entries: list[tuple[str, int]] = []
         for key, t in sd.items():
             t = t.detach()
-            ident = _storage_ident(t)
+            ident = storage_ident(t)
             if ident not in index:
                 index[ident] = len(sources)
                 sources.append(t)
             entries.append((key, index[ident]))
         layout = (tuple(entries), tuple((tuple(t.shape), t.dtype) for t in sources))
-        if reuse is not None and reuse._layout == layout:
+        if reuse is not None and reuse._buffers is not None and reuse._buffers.layout == layout:
             reuse.wait()
-            hosts, flats, locked = reuse._hosts, reuse._flats, reuse._locked
-            reuse._tensors, reuse._hosts, reuse._flats, reuse._layout = {}, [], [], None
-            reuse._locked = False
+            buffers, reuse._buffers, reuse._tensors = reuse._buffers, None, {}
         else:
             any_cuda = any(t.is_cuda for t in sources)
             pin = (any_cuda if pin_memory is None else bool(pin_memory)) and any_cuda
-            hosts, flats, locked = _flat_host_buffers(sources, pin)
+            buffers = _flat_host_buffers(sources, pin, layout)
         devices = set()
         with torch.no_grad():
-            for host, t in zip(hosts, sources):
-                asynchronous = t.is_cuda and locked
-                host.copy_(t, non_blocking=asynchronous)
+            for host, t in zip(buffers.hosts, sources):
+                host.copy_(t, non_blocking=t.is_cuda and buffers.locked)
                 if t.is_cuda:
                     devices.add(t.device)
-        snap = cls({key: hosts[i] for key, i in entries}, step)
-        snap._layout, snap._hosts, snap._flats, snap._locked = layout, hosts, flats, locked
+        snap = cls({key: buffers.hosts[i] for key, i in entries}, step)
+        snap._buffers = buffers
         for device in devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
@@ -118,16 +113,12 @@ class Snapshot:
     @property
     def page_locked(self) -> bool:
         """Whether the host buffers are page-locked (CUDA training): worth keeping for reuse."""
-        return self._locked
+        return self._buffers is not None and self._buffers.locked
 
     def _take_buffers(self, other: Snapshot) -> None:
         """Adopt ``other``'s tensors, buffers and pending copies (``other`` is left empty)."""
-        self._tensors, self._ready = other._tensors, other._ready
-        self._layout, self._hosts, self._flats = other._layout, other._hosts, other._flats
-        self._locked = other._locked
-        other._tensors, other._ready, other._layout, other._hosts, other._flats = {}, [], None, \
-            [], []
-        other._locked = False
+        self._tensors, self._ready, self._buffers = other._tensors, other._ready, other._buffers
+        other._tensors, other._ready, other._buffers = {}, [], None
 
     @property
     def nbytes(self) -> int:
@@ -141,19 +132,23 @@ class Snapshot:
         return total
 
 
-def _storage_ident(t: Tensor) -> tuple:
-    """Identifies tensors that are the same memory (tied weights)."""
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-            tuple(t.stride()), t.dtype)
-
-
 _ALIGN_BYTES = 64
 
 
-def _flat_host_buffers(sources: list[Tensor], pin: bool
-                       ) -> tuple[list[Tensor], list[Tensor], bool]:
-    """Contiguous host tensors shaped like ``sources`` (views into one flat buffer per dtype),
-    the flat buffers, and whether they are all page-locked."""
+@dataclass
+class _HostBuffers:
+    """A snapshot's memory: ``hosts`` (one per distinct tensor, in capture order) are views into
+    the ``flats`` (one per dtype; page-locked if ``locked``); ``layout`` is what a capture
+    with ``reuse=`` must match."""
+
+    layout: tuple
+    hosts: list[Tensor]
+    flats: list[Tensor]
+    locked: bool
+
+
+def _flat_host_buffers(sources: list[Tensor], pin: bool, layout: tuple) -> _HostBuffers:
+    """Contiguous host tensors shaped like ``sources``: views into one flat buffer per dtype."""
     offsets: list[int] = []
     sizes: dict[torch.dtype, int] = {}
     gaps: list[tuple[torch.dtype, int, int]] = []
@@ -171,7 +166,7 @@ def _flat_host_buffers(sources: list[Tensor], pin: bool
     devices = tuple(sorted({t.device.index or 0 for t in sources if t.is_cuda}))
     locked = pin and all([_page_lock(flat, devices) for flat in flats.values()])
     hosts = [flats[t.dtype][o:o + t.numel()].view(t.shape) for t, o in zip(sources, offsets)]
-    return hosts, list(flats.values()), locked
+    return _HostBuffers(layout, hosts, list(flats.values()), locked)
 
 
 _PAGE_LOCK_REFUSED = False  # after one refusal, later snapshots stay pageable
@@ -324,7 +319,7 @@ def _live_targets(module: nn.Module, reference: Mapping[str, Tensor]) -> list[tu
     for key, t in sd.items():
         if not is_mergeable(t):
             continue
-        ident = _storage_ident(t)
+        ident = storage_ident(t)
         if ident in seen:
             continue
         seen.add(ident)
@@ -343,8 +338,7 @@ def stage_on_devices(live: list[Tensor], host_lists: list[list[Tensor]],
     page-locked snapshots) on the current stream. A host tensor that appears in several lists
     (one snapshot under two names) is copied once.
     """
-    devices = {t.device for t in live if t.device.type == "cuda"}
-    if not devices:
+    if not any(t.device.type == "cuda" for t in live):
         return host_lists
     need: dict[torch.device, int] = {}
     seen: set[int] = set()

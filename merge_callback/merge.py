@@ -24,6 +24,7 @@ __all__ = [
     "weighted_average",
     "lerp_tensors_",
     "unique_tensors",
+    "storage_ident",
 ]
 
 
@@ -159,13 +160,18 @@ def lerp_tensors_(out: Sequence[Tensor], previous: Sequence[Tensor], latest: Seq
             torch.lerp(a, b, lam, out=o)  # one pass: reads both inputs, writes once
 
 
+def storage_ident(t: Tensor) -> tuple:
+    """Identifies tensors that are the same memory (tied weights)."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            tuple(t.stride()), t.dtype)
+
+
 def unique_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop entries that alias an earlier entry's memory (tied weights), keeping the first key."""
     seen: set[tuple] = set()
     out: dict[str, Tensor] = {}
     for key, t in state_dict.items():
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                 tuple(t.stride()), t.dtype)
+        ident = storage_ident(t)
         if ident in seen:
             continue
         seen.add(ident)

@@ -223,10 +223,10 @@ def test_snapshot_buffers_hold_no_stale_bytes_between_tensors(tmp_path):
         junk = torch.full((1 << 16,), float("nan"))  # dirty some freed memory first
         del junk
         snap = Snapshot.capture(m, 1)
-        for flat in snap._flats:
+        for flat in snap._buffers.flats:
             covered = torch.zeros(flat.numel(), dtype=torch.bool)
             base = flat.data_ptr()
-            for t in snap._hosts:
+            for t in snap._buffers.hosts:
                 if t.dtype == flat.dtype and t.numel():
                     start = (t.data_ptr() - base) // t.element_size()
                     covered[start:start + t.numel()] = True
