@@ -88,7 +88,7 @@ def combine_into_(out: Sequence[Tensor], sources: Sequence[Sequence[Tensor]],
             t = float(weights[1])
             torch._foreach_copy_(out, list(a) if t != 1.0 else list(b))
             if 0.0 < t < 1.0:
-                _foreach_on_out_devices(torch._foreach_lerp_, out, b, t)
+                _foreach_on_out_devices(lambda o, x: torch._foreach_lerp_(o, x, t), out, b)
             return
         active = [(s, float(w)) for s, w in zip(sources, weights) if w != 0.0]
         first, w0 = active[0]
@@ -97,20 +97,19 @@ def combine_into_(out: Sequence[Tensor], sources: Sequence[Sequence[Tensor]],
             torch._foreach_mul_(out, w0)
         for src, w in active[1:]:
             _foreach_on_out_devices(lambda o, x, w=w: torch._foreach_add_(o, x, alpha=w), out,
-                                    src, None)
+                                    src)
 
 
-def _foreach_on_out_devices(op: Callable, out: list[Tensor], src: Sequence[Tensor],
-                            scalar: float | None) -> None:
-    """``op(out, src[, scalar])`` with ``src`` copied to each ``out`` tensor's device where they
-    differ; always the same multi-tensor kernel, so the result does not depend on where ``src``
-    lives (host snapshot or a copy on the device)."""
-    args = () if scalar is None else (scalar,)
+def _foreach_on_out_devices(op: Callable[[list[Tensor], list[Tensor]], None], out: list[Tensor],
+                            src: Sequence[Tensor]) -> None:
+    """``op(out, src)`` with ``src`` copied to each ``out`` tensor's device where they differ;
+    always the same multi-tensor kernel, so the result does not depend on where ``src`` lives
+    (host snapshot or a copy on the device)."""
     if _same_devices(out, src):
-        op(out, list(src), *args)
+        op(out, list(src))
         return
     for o, x in zip(out, src):
-        op([o], [x.to(o.device, non_blocking=True)], *args)
+        op([o], [x.to(o.device, non_blocking=True)])
 
 
 def _same_devices(out: Sequence[Tensor], src: Sequence[Tensor]) -> bool:

@@ -120,7 +120,6 @@ class MergeSchedule:
                               "previous_step": result.previous_step})
         return result
 
-
     def _drop(self, snap: Snapshot | None) -> None:
         # page-locking host memory is slow: keep one dropped snapshot's buffers for the next save
         if snap is not None and snap.page_locked:
