@@ -284,14 +284,15 @@ def bench_snapshot(name: str, module, reps: int) -> dict:
                 total += time.perf_counter() - t
                 del out  # a fresh snapshot is freed here, untimed
             times[k].append(total / inner)
-    reused_same_buffers = old[0]._flats[0].data_ptr() == reuse()._flats[0].data_ptr()
+    first_buffer = old[0]._buffers.flats[0].data_ptr()
+    reused_same_buffers = first_buffer == reuse()._buffers.flats[0].data_ptr()
     exact = all(torch.equal(old[0].tensors[k], v) for k, v in module.state_dict().items())
     ref = median(times[SNAP_COPY])
     rows = {k: {"median_s": median(v), "times_s": v, "vs_copy": median(v) / ref}
             for k, v in times.items()}
     return {"model": name, "bytes": nbytes, "calls_per_timing": inner, "rows": rows,
             "reuse_kept_buffers": reused_same_buffers, "capture_equals_weights": exact,
-            "flat_buffers": len(held._flats)}
+            "flat_buffers": len(held._buffers.flats)}
 
 
 # --------------------------------------------------------------------------- 2. round
