@@ -59,11 +59,13 @@ from torch import Tensor
 
 from benchmarks.common import environment, log
 from merge_callback import engine
-from merge_callback.engine import RoundConfig, Snapshot, run_round, soup_state_dict, \
-    write_soup_files
+from merge_callback.engine import RoundConfig, Snapshot, combine_into_, pairwise_family, \
+    soup_state_dict
+from merge_callback.engine import round as engine_round
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
 from merge_callback.io import atomic_write_json
 from merge_callback.merge import lerp_tensors_
+from merge_callback.soups import write_soup_files
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {
@@ -151,10 +153,18 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def float_lists(module, prev: Snapshot, latest: Snapshot):
     """The live float tensors (each storage once) and the matching snapshot tensors."""
-    targets = engine._live_targets(module, latest.tensors)
+    targets = engine.live_targets(module, latest.tensors)
     keys = [k for k, _ in targets]
     return (keys, [t for _, t in targets], [prev.tensors[k] for k in keys],
             [latest.tensors[k] for k in keys])
+
+
+def run_round(module, prev: Snapshot, latest: Snapshot, evaluate, config: RoundConfig,
+              **kwargs) -> engine.RoundResult:
+    """The paper's pairwise round (``engine.run_round`` with the one pairwise family)."""
+    return engine.run_round(module, {"previous": prev, "latest": latest},
+                            [pairwise_family("previous", "latest", config.alpha)], evaluate,
+                            config, **kwargs)
 
 
 def clone_snapshot(snap: Snapshot) -> Snapshot:
@@ -311,7 +321,7 @@ class TimedEvaluator:
 
 
 class MergeTimer:
-    """Wraps ``engine.lerp_tensors_`` to add up the time spent merging and restoring."""
+    """Wraps the round's ``combine_into_`` to add up the time spent merging and restoring."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -335,16 +345,16 @@ def one_round(module, prev: Snapshot, evaluator, budget: int, out_dir: Path, ste
     from lightning.pytorch.loggers import CSVLogger
 
     from merge_callback.progress import RoundProgress
-    from merge_callback.tracking import log_round_to_loggers
+    from merge_callback.lightning import log_round_to_loggers
 
-    timer = MergeTimer(lerp_tensors_)
+    timer = MergeTimer(combine_into_)
     ev = TimedEvaluator(evaluator)
     logger = CSVLogger(str(out_dir / "logs"), name="round")
     progress = RoundProgress(disable=True)  # what for_trainer gives without a progress bar
     config = RoundConfig(budget=budget)
     parts = {}
-    original = engine.lerp_tensors_
-    engine.lerp_tensors_ = timer
+    original = engine_round.combine_into_
+    engine_round.combine_into_ = timer
     t0 = time.perf_counter()
     try:
         # on CPU the callback captures into fresh buffers (it recycles page-locked ones only)
@@ -359,7 +369,7 @@ def one_round(module, prev: Snapshot, evaluator, budget: int, out_dir: Path, ste
             progress.close()
         run_s = time.perf_counter() - t
     finally:
-        engine.lerp_tensors_ = original
+        engine_round.combine_into_ = original
     parts["soup"], soup = timed(lambda: soup_state_dict(prev, latest, result.lam, in_place=True,
                                                         module=module))
     parts["write"], _ = timed(lambda: write_soup_files(out_dir, f"soup-step={step}", soup, result))
@@ -582,7 +592,7 @@ def bench_steps(name: str, module, spec: dict, reps: int, timed_steps: int,
             per_rep[variant].append(median(intervals[2:]))
             pooled[variant] += intervals[2:]
             if merge is not None:
-                holds.append(len(merge._ring) == 1)
+                holds.append(len(merge.schedule.ring) == 1)
                 if hook_s is None:  # the callback's only per-step work: its batch-end hook
                     n = 20000
                     t = time.perf_counter()
