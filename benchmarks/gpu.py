@@ -1,4 +1,4 @@
-"""One prepared GPU check: what the merge callback costs and what it buys, at real scale, in one run.
+"""One prepared GPU check: what the merge callback costs and buys, at real scale, in one run.
 
 Four phases, every number in one results file (``gpu.md`` + ``gpu.json``, or ``gpu_quick.*``):
 
@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gzip
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -47,7 +45,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +129,7 @@ QUICK = Plan(name="quick", big="gpu-quick", kernel_reps=2, train_batch=4, train_
              eval_block=32, q_vocab=320, q_model=dict(hidden_size=32, num_layers=2, num_heads=4),
              q_block=32, q_batch=8, q_lr=3e-3, q_warmup=4, q_train_s=None, q_steps=40, q_saves=4,
              q_sel_blocks=8, q_test_blocks=8, q_eval_batch=8, stdlib_chars=200_000,
-             shakespeare_chars=100_000, budget_s=110.0)
+             shakespeare_chars=100_000, budget_s=600.0)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -250,7 +248,8 @@ def geometric_weights(k: int, gamma: float) -> list[float]:
 
 KERNEL_COPY = "copy_ device to device (reference)"
 KERNEL_PAIRWISE = "lerp_tensors_: every candidate of a pairwise round (history=2)"
-KERNEL_LERP_FAMILY = "combine_into_, lerp family: every pairwise/EMA candidate of an averaging round"
+KERNEL_LERP_FAMILY = ("combine_into_, lerp family: every pairwise/EMA candidate of an averaging "
+                      "round")
 KERNEL_GEOMETRIC = "combine_into_, geometric weights over 8 sources"
 # tensor volumes read + written: copy 1+1; lerp 2+1; copy then in-place lerp (1+1)+(2+1);
 # geometric over k: copy (1+1), scale (1+1), k-1 adds (2+1 each)
@@ -469,8 +468,9 @@ def bench_fit_steps(module, plan: Plan, device: torch.device, workdir: Path,
         callbacks: list = [clock]
         merge = None
         if variant == "with":
+            # on_error="raise": a failing round ends the phase with its traceback in the results
             merge = BayesMergeCallback(heldout=heldout, soup_dir=workdir / "soups",
-                                       **CALLBACK_SETTINGS)
+                                       on_error="raise", **CALLBACK_SETTINGS)
             callbacks.append(merge)
         trainer = L.Trainer(default_root_dir=str(workdir), max_steps=N, devices=1,
                             accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -759,17 +759,17 @@ def bench_quality(plan: Plan, device: torch.device, bundle: Path | None, workdir
     scratch = new_module(0).to(device)
     at_saves: dict[int, dict] = {}
 
-    def score(state_fn) -> dict[str, float]:
-        return {s: ev(state_fn()) for s, ev in evaluators.items()}
+    def score(module) -> dict[str, float]:
+        return {s: ev(module) for s, ev in evaluators.items()}
 
     def at_step(step, live, keys, emas):
-        row = {"latest": {s: ev(live) for s, ev in evaluators.items()}, "ema": {}}
+        row = {"latest": score(live), "ema": {}}
         sd = scratch.state_dict()
         targets = [sd[k] for k in keys]
         for d, ema in emas.items():
             with torch.no_grad():
                 torch._foreach_copy_(targets, ema)
-            row["ema"][str(d)] = {s: ev(scratch) for s, ev in evaluators.items()}
+            row["ema"][str(d)] = score(scratch)
         at_saves[step] = row
 
     stop_at = time.perf_counter() + max(5.0, deadline.left() - 45.0)
@@ -784,7 +784,7 @@ def bench_quality(plan: Plan, device: torch.device, bundle: Path | None, workdir
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     soups = workdir / "soups"
-    merge = BayesMergeCallback(heldout=batches(shards["sel"]), soup_dir=soups,
+    merge = BayesMergeCallback(heldout=batches(shards["sel"]), soup_dir=soups, on_error="raise",
                                **CALLBACK_SETTINGS)
     ema_cb = device_ema_callback(EMA_DECAYS, interval, at_step)
     ckpt = ModelCheckpoint(dirpath=workdir / "ckpt", every_n_train_steps=interval, save_top_k=1)
@@ -806,7 +806,7 @@ def bench_quality(plan: Plan, device: torch.device, bundle: Path | None, workdir
             meta = json.loads(meta_path.read_text())
             scratch.load_state_dict(load_file(str(soups / f"soup-step={step}.safetensors")),
                                     strict=True)
-            entry["soup"] = {**score(lambda: scratch), "family": meta.get("family"),
+            entry["soup"] = {**score(scratch), "family": meta.get("family"),
                              "param": meta.get("param"), "lambda": meta["lambda"],
                              "value_soup": meta["value_soup"],
                              "value_latest": meta["value_latest"]}
@@ -890,7 +890,8 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
         m = r["memory"]
         rows.append(("round: host memory over training alone / model bytes, peak (between "
                      "rounds)", "≤ 2.05 (1.05)",
-                     f"{fmt(m['host_round_peak'], '.2f')} ({fmt(m['host_between_rounds'], '.2f')})"))
+                     f"{fmt(m['host_round_peak'], '.2f')} "
+                     f"({fmt(m['host_between_rounds'], '.2f')})"))
         rows.append(("round: device peak extra / model bytes", "—",
                      fmt(m["device_round_peak_extra"], ".2f")))
     q = res.get("quality")
@@ -941,7 +942,8 @@ def render(res: dict) -> str:
           "host to device (on the device: "
           f"{k['stage']['on_device']}). In-place soup build (`soup_state_dict(in_place=True, "
           f"module=...)`: staging, device kernel, copy back into the previous snapshot, restore): "
-          f"{1e3 * k['soup_in_place']['median_s']:.1f} ms = {k['soup_in_place']['vs_stage']:.2f} × "
+          f"{1e3 * k['soup_in_place']['median_s']:.1f} ms = "
+          f"{k['soup_in_place']['vs_stage']:.2f} × "
           f"the staging. Bitwise: {json.dumps(k['bitwise'])}.\n")
     s = res.get("snapshots")
     if s:
@@ -961,7 +963,10 @@ def render(res: dict) -> str:
     st = res.get("steps")
     if st and st.get("runs"):
         w(f"Lightning fits of {st['steps']} steps ({st['precision']}), a checkpoint save at "
-          f"step {st['save_at']}; rates from step {st['from_step']} on:\n")
+          f"step {st['save_at']}; rates from step {st['from_step']} on. *Outside rounds* ends "
+          "just before the save and includes the callback's periodic snapshots (and EMA track "
+          "updates); the second rate runs to the end of the fit, the save and its round "
+          "included; the save is also made without the callback:\n")
         w("| run | steps/s outside rounds | steps/s over the stretch with the save | save s | "
           "checkpoint MiB | rounds |")
         w("|---|---|---|---|---|---|")

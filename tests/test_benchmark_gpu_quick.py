@@ -146,6 +146,16 @@ def test_bundle_wheels_install_offline_and_phases_are_checked(tmp_path, capsys):
     script.write_text(gpu.RUN_SCRIPT)
     subprocess.run(["bash", "-n", str(script)], check=True)
 
+    # the time guard: phases that do not fit in the budget are skipped, and the results say so
+    out = tmp_path / "guarded"
+    assert gpu.main(["--quick", "--budget-s", "0.5", "--phases", "kernels,quality",
+                     "--out", str(out)]) == 0
+    res = json.loads((out / "gpu_quick.json").read_text())
+    assert "kernels" not in res and "quality" not in res
+    assert [x.split(":")[0] for x in res["stops"]] == ["kernels fp32", "kernels bf16", "quality"]
+    md = (out / "gpu_quick.md").read_text()
+    assert "**Cut short by the time guard:** kernels fp32: skipped" in md
+
     with pytest.raises(SystemExit):
         gpu.main(["--quick", "--phases", "kernels,nope"])
     assert ("--phases must be a comma-separated subset of kernels,snapshots,round,steps,quality"
