@@ -811,7 +811,9 @@ def bench_quality(plan: Plan, device: torch.device, bundle: Path | None, workdir
             entry["soup"] = {**score(scratch), "family": meta.get("family"),
                              "param": meta.get("param"), "lambda": meta["lambda"],
                              "value_soup": meta["value_soup"],
-                             "value_latest": meta["value_latest"]}
+                             "value_latest": meta["value_latest"],
+                             "round_s": meta.get("seconds"),
+                             "evaluations": meta.get("evaluations")}
             entry["soup"]["rescored_equals_scored"] = entry["soup"]["sel"] == meta["value_soup"]
             entry["soup"]["callback_latest_equals_ours"] = (meta["value_latest"]
                                                             == row["latest"]["sel"])
@@ -830,7 +832,9 @@ def bench_quality(plan: Plan, device: torch.device, bundle: Path | None, workdir
         "median_test_soup_minus_latest": (median([s["soup"]["test"] - s["latest"]["test"]
                                                 for s in with_soup]) if with_soup else None),
         "median_test_soup_minus_best_ema": (median([s["soup"]["test"] - s["best_ema"]["test"]
-                                                  for s in with_soup]) if with_soup else None)}
+                                                  for s in with_soup]) if with_soup else None),
+        "median_round_s": (median([s["soup"]["round_s"] for s in with_soup
+                                   if s["soup"]["round_s"] is not None]) if with_soup else None)}
     n_params = sum(p.numel() for p in pl_module.parameters())
     return {"parameters": n_params, "model": dict(plan.q_model, vocab=plan.q_vocab,
                                                   block=plan.q_block),
@@ -994,7 +998,7 @@ def render(res: dict) -> str:
     q = res.get("quality")
     if q:
         sh = q["corpus"]["shakespeare"]
-        w(f"## 4. Quality: Pythia-70M architecture ({q['parameters'] / 1e6:.1f}M parameters, "
+        w(f"## 4. Quality: Pythia-70M architecture ({q['parameters']:,} parameters, "
           f"vocabulary {q['model']['vocab']}, context {q['model']['block']})\n")
         w(f"{q['steps_done']} of {q['steps_planned']} steps planned, batch {q['batch']}, lr "
           f"{q['lr']} constant after {q['warmup_steps']} warmup steps, {q['precision']}, a "
