@@ -1138,7 +1138,9 @@ def main(argv=None) -> int:
     spec = MODELS[plan.big]
     batch = torch.randint(0, spec["vocab"], (plan.train_batch, plan.train_block),
                           generator=torch.Generator().manual_seed(3)).to(device)
-    tmp_root = scratch_dir(12 * B)
+    # the largest writes: the recommended mode's checkpoint (weights, AdamW state, its snapshots
+    # and EMA tracks: about 11 × B) next to a soup
+    tmp_root = scratch_dir(16 * B)
     need = {"kernels": 20, "snapshots": 20, "round": 40, "steps": 60} if plan.name == "full" \
         else {"kernels": 1, "snapshots": 1, "round": 1, "steps": 1}
     if "kernels" in phases and deadline.allows(need["kernels"], "kernels fp32"):
