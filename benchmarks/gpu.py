@@ -3,7 +3,7 @@
 Four phases, every number in one results file (``gpu.md`` + ``gpu.json``, or ``gpu_quick.*``):
 
 1. ``kernels`` (Pythia-410M shape, fp32 and bf16 weights): the candidate merges the rounds run
-   (``merge.lerp_tensors_`` for pairwise rounds, ``averaging.combine_into_`` for the averaging
+   (``merge.lerp_tensors_`` for pairwise rounds, ``engine.combine_into_`` for the averaging
    families) in bytes moved per second against a device-to-device ``copy_`` of the same tensors;
    staging both operands on the device (``engine.stage_on_devices``); the in-place soup build
    (``engine.soup_state_dict(in_place=True, module=...)``).
@@ -51,12 +51,12 @@ from typing import Any
 
 import torch  # first: benchmarks.overhead's OMP_NUM_THREADS=1 then no longer applies here
 
-from benchmarks.common import _pick_blocks, environment, log
-from benchmarks.overhead import (MODELS, TimedEvaluator, _reset_peak, _rss_kib, build_model,
-                                 float_lists, median, model_bytes, token_batches)
-from merge_callback.averaging import combine_into_
-from merge_callback.engine import (RoundConfig, Snapshot, run_round, soup_state_dict,
-                                   stage_on_devices, write_soup_files)
+from benchmarks.common import pick_blocks, environment, log
+from benchmarks.overhead import (MODELS, TimedEvaluator, build_model, float_lists, median,
+                                 model_bytes, reset_peak, rss_kib, run_round, token_batches)
+from merge_callback.engine import (RoundConfig, Snapshot, combine_into_, soup_state_dict,
+                                   stage_on_devices)
+from merge_callback.soups import write_soup_files
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
 from merge_callback.merge import lerp_tensors_
 
@@ -186,15 +186,15 @@ def host_memory_peak():
 
     @contextlib.contextmanager
     def window():
-        base = _rss_kib("VmRSS") * 1024
+        base = rss_kib("VmRSS") * 1024
         try:
-            _reset_peak()
+            reset_peak()
             ok = True
         except OSError:
             ok = False
         yield peak
         if ok:
-            peak["extra"] = _rss_kib("VmHWM") * 1024 - base
+            peak["extra"] = rss_kib("VmHWM") * 1024 - base
 
     return window()
 
@@ -531,7 +531,7 @@ def bench_round(module, step, plan: Plan, device: torch.device, workdir: Path) -
     ev = TimedEvaluator(evaluator)
     step()
     sync(device)
-    rss_training = _rss_kib("VmRSS") * 1024
+    rss_training = rss_kib("VmRSS") * 1024
     prev = Snapshot.capture(module, 1)
     prev_device = {k: t.detach().clone() for k, t in module.state_dict().items()}
     value_previous = evaluator(module)  # known from the last round, in the callback
@@ -541,10 +541,10 @@ def bench_round(module, step, plan: Plan, device: torch.device, workdir: Path) -
     sync(device)
     # between rounds the host holds the previous snapshot and, on CUDA, the page-locked
     # buffers of the snapshot the last round dropped (kept for the next capture)
-    rss_between = _rss_kib("VmRSS") * 1024 - rss_training
+    rss_between = rss_kib("VmRSS") * 1024 - rss_training
     spare_locked = spare.page_locked
     dev_base = device_peak_start(device)
-    rss_before = _rss_kib("VmRSS") * 1024
+    rss_before = rss_kib("VmRSS") * 1024
     parts: dict[str, float] = {}
     with host_memory_peak() as host_peak:
         t0 = time.perf_counter()
@@ -699,9 +699,9 @@ def bench_quality(plan: Plan, device: torch.device, bundle: Path | None, workdir
     docs = corpus["docs"]
     tok = train_tokenizer(docs["train"], vocab_size=plan.q_vocab)
     train = tokenize_and_pack(docs["train"], tok, plan.q_block)
-    shards = {"sel": _pick_blocks(tokenize_and_pack(docs["sel"], tok, plan.q_block),
+    shards = {"sel": pick_blocks(tokenize_and_pack(docs["sel"], tok, plan.q_block),
                                   plan.q_sel_blocks, 1234),
-              "test": _pick_blocks(tokenize_and_pack(docs["test"], tok, plan.q_block),
+              "test": pick_blocks(tokenize_and_pack(docs["test"], tok, plan.q_block),
                                    plan.q_test_blocks, 1235)}
     data_s = time.perf_counter() - t0
     log(f"quality: {train.shape[0]} training blocks of {plan.q_block} tokens ({data_s:.0f} s)")

@@ -447,7 +447,7 @@ def bench_round(name: str, module, spec: dict, reps: int, budget: int, target_pa
 # --------------------------------------------------------------------------- 3. memory (child)
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -455,7 +455,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -485,25 +485,25 @@ def memory_child(name: str, workdir: Path) -> dict:
     del warm, res
     shutil.rmtree(workdir / "mem-warmup", ignore_errors=True)
     train_step()
-    r0 = _rss_kib("VmRSS") * 1024
-    _reset_peak()
+    r0 = rss_kib("VmRSS") * 1024
+    reset_peak()
     evaluator(module)
-    eval_peak = _rss_kib("VmHWM") * 1024 - r0
+    eval_peak = rss_kib("VmHWM") * 1024 - r0
     out: dict[str, Any] = {"model": name, "model_bytes": B, "rss_training_bytes": r0,
                            "eval_pass_peak_extra_bytes": eval_peak}
     # the callback keeps the previous save's snapshot between rounds
     prev = Snapshot.capture(module, 1)
     train_step()
-    out["between_rounds"] = (_rss_kib("VmRSS") * 1024 - r0) / B
+    out["between_rounds"] = (rss_kib("VmRSS") * 1024 - r0) / B
     out["between_rounds_counted"] = prev.nbytes / B
     rounds = []
     for step in (2, 3):  # two consecutive rounds: the second starts from the first's latest
-        base = _rss_kib("VmRSS") * 1024
-        _reset_peak()
+        base = rss_kib("VmRSS") * 1024
+        reset_peak()
         res = one_round(module, prev, evaluator, 3, workdir / f"mem-{step}", step)
-        peak = _rss_kib("VmHWM") * 1024
+        peak = rss_kib("VmHWM") * 1024
         prev = res.pop("latest")  # the latest becomes the previous; the old one (the soup) goes
-        after = _rss_kib("VmRSS") * 1024
+        after = rss_kib("VmRSS") * 1024
         shutil.rmtree(workdir / f"mem-{step}", ignore_errors=True)
         rounds.append({"step": step, "during_round": (peak - r0) / B,
                        "before_round": (base - r0) / B, "after_round": (after - r0) / B})
@@ -514,10 +514,10 @@ def memory_child(name: str, workdir: Path) -> dict:
     result = run_round(module, prev, latest, lambda m: 1.0, RoundConfig(budget=3),
                        value_previous=1.0)
     soup = soup_state_dict(prev, latest, 0.7, in_place=True, module=module)
-    base = _rss_kib("VmRSS") * 1024
-    _reset_peak()
+    base = rss_kib("VmRSS") * 1024
+    reset_peak()
     write_soup_files(workdir / "mem-write", "soup", soup, result)
-    out["write_alone_peak"] = (_rss_kib("VmHWM") * 1024 - base) / B
+    out["write_alone_peak"] = (rss_kib("VmHWM") * 1024 - base) / B
     shutil.rmtree(workdir / "mem-write", ignore_errors=True)
     # tensors alive at the peak, counted: the previous snapshot (the soup is built inside it)
     # and the latest snapshot
