@@ -327,18 +327,37 @@ def test_lightning_ckpts_evaluation_needs_model(ws, lightning_ckpts):
 
 
 def test_lightning_ckpts_with_model(ws, lightning_ckpts):
+    """.ckpt in, --model given: the soup is a Hugging Face folder that from_pretrained loads, with
+    exactly the weighted average of the LightningModule's weights ('model.' prefix removed)."""
     from merge_callback.lm import CausalLMModule
 
+    before = [_digest(p) for p in lightning_ckpts]
     out = ws["root"] / "lit-eval"
     rec = run(["merge", *map(str, lightning_ckpts), "--heldout", str(ws["root"] / "heldout.txt"),
                "--model", str(ws["hf"][0]), "--budget", "3", "--out", str(out), *EVAL])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "merge.json"} <= \
+        {p.name for p in out.iterdir()}
+    soup = AutoModelForCausalLM.from_pretrained(out)
+    assert _loss(soup, ws) == rec["value"]
+    sds = [torch.load(p, weights_only=True)["state_dict"] for p in lightning_ckpts]
+    expected = weighted_average(sds, rec["weights"])
     module = CausalLMModule(_neox(0))
-    module.load_state_dict(load_file(str(out / "model.safetensors")))  # strict: every key fits
-    assert _loss(module, ws) == rec["value"]
+    module.load_state_dict(expected)
+    got = soup.state_dict()
+    assert set(got) == set(module.model.state_dict())
+    assert all(torch.equal(got[k], module.model.state_dict()[k]) for k in got)
     # the latest checkpoint alone scores what Lightning's weights score
     latest = CausalLMModule(_neox(0))
-    latest.load_state_dict(torch.load(lightning_ckpts[-1], weights_only=True)["state_dict"])
+    latest.load_state_dict(sds[-1])
     assert rec["baselines"]["epoch=0-step=4"] == _loss(latest, ws)
+    # fixed weights, no held-out data: still a loadable folder
+    out2 = ws["root"] / "lit-fixed-hf"
+    run(["merge", *map(str, lightning_ckpts), "--weights", "0.25,0.75", "--model",
+         str(ws["hf"][0]), "--out", str(out2), "--quiet"])
+    soup2 = AutoModelForCausalLM.from_pretrained(out2)
+    module.load_state_dict(weighted_average(sds, [0.25, 0.75]))
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in soup2.state_dict().items())
+    assert [_digest(p) for p in lightning_ckpts] == before
 
 
 def test_safetensors_files_with_model(ws):
@@ -353,7 +372,10 @@ def test_safetensors_files_with_model(ws):
                      *common])
     via_folders = run(["merge", str(a), str(b), "--out", str(r / "st2"), *common])
     assert via_files["value"] == via_folders["value"]
-    assert sorted(p.name for p in (r / "st1").iterdir()) == ["merge.json", "model.safetensors"]
+    assert {"config.json", "merge.json", "model.safetensors"} <= \
+        {p.name for p in (r / "st1").iterdir()}
+    st1 = AutoModelForCausalLM.from_pretrained(r / "st1")
+    assert _loss(st1, ws) == via_files["value"]
     # module key space (lm_head), e.g. save_file(model.state_dict())
     sd_files = []
     for i, folder in enumerate((a, b)):
@@ -381,7 +403,9 @@ def test_explicit_key_prefix(ws):
     ref = run(["merge", str(a), str(b), "--weights", "0.4,0.6", "--heldout",
                str(r / "heldout.txt"), "--out", str(r / "net-ref"), *EVAL])
     assert rec["value"] == ref["value"]
-    assert all(k.startswith("net.") for k in load_file(str(r / "net" / "model.safetensors")))
+    assert not any(k.startswith("net.") for k in load_file(str(r / "net" / "model.safetensors")))
+    got, ref_sd = (load_file(str(r / d / "model.safetensors")) for d in ("net", "net-ref"))
+    assert set(got) == set(ref_sd) and all(torch.equal(got[k], ref_sd[k]) for k in got)
     with pytest.raises(CLIError, match="do not fit --model .*match no tensor .*prefix 'model.'"):
         run(["merge", *map(str, files), "--key_prefix", "model.", "--out", str(r / "never-net"),
              *common])
