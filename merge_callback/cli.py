@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -118,6 +119,14 @@ def _float_list(text: str) -> list[float]:
             f"expected comma-separated numbers like 0.3,0.7, got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors become :class:`CLIError` so that every bad input takes one path
+    (``merge-callback: error: ...``, exit code 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # show defaults only where they say something
         if action.default in (None, False) or action.default is argparse.SUPPRESS:
@@ -181,7 +190,7 @@ def _add_output_options(p: argparse.ArgumentParser, what: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``merge-callback`` argument parser (subcommands merge, sweep, heatmap)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Merge checkpoints that already exist on disk into a 'soup', with weights\n"
                     "searched on held-out data (Bayesian optimisation, CMA-ES) or given by hand,\n"
@@ -196,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--heldout val.txt --out sweep/\n"
                f"  {PROG} heatmap run/checkpoint-* --heldout val.txt --out heatmap/\n\n"
                f"'{PROG} COMMAND --help' lists a command's options.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     merge = sub.add_parser(
         "merge", formatter_class=_Formatter, help="merge 2 or more checkpoints into a soup",
@@ -363,7 +372,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line, applying ``--config`` (flags override the file).
 
     Raises:
-        SystemExit: on ``--help`` or an argparse error (exit code 0 / 2).
+        SystemExit: on ``--help`` (exit code 0).
+        CLIError: an argument error (unknown option, bad value) or an invalid ``--config`` file.
         CLIError: an invalid ``--config`` file.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -527,22 +537,35 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _unreadable_reason(exc: BaseException) -> str:
+    """Why a file could not be loaded, in one line (pickled objects vs. damaged bytes)."""
+    import pickle
+
+    text = str(exc)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(exc, pickle.UnpicklingError) and blocked:
+        return (f"it holds pickled Python objects other than tensors ({blocked.group(1)}), which "
+                "are not loaded: torch.load(weights_only=True) refused it")
+    detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+    return ("it is damaged or not a checkpoint ("
+            + (f"{type(exc).__name__}: {detail.group(1).strip()}" if detail else _first_line(exc))
+            + ")")
+
+
 def _open_checkpoint(path: Path) -> TensorReader:
     """Open one checkpoint; any failure becomes a :class:`CLIError` that names the file."""
+    import warnings
+
     try:
-        return TensorReader(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes on foreign files
+            return TensorReader(path)
     except (FileNotFoundError, CLIError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the file's bytes make the readers raise
-        import pickle
-
-        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
-            why = ("it holds pickled Python objects other than tensors, which are not loaded "
-                   "(torch.load(weights_only=True) refused it)")
-        elif isinstance(exc, ValueError) and str(path) in str(exc):
+        if isinstance(exc, ValueError) and str(path) in str(exc):
             raise CLIError(str(exc)) from None
-        else:
-            why = f"it is damaged or not a checkpoint ({_first_line(exc)})"
+        why = _unreadable_reason(exc)
         raise CLIError(f"cannot read checkpoint {path}: {why}; expected a Hugging Face folder, a "
                        ".safetensors file, or a Lightning .ckpt / .pt / .bin state dict saved "
                        "with torch.save") from None
@@ -558,6 +581,24 @@ def _resolve_device(text: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {text}: CUDA is not available")
     return device
+
+
+def check_out_writable(ns: argparse.Namespace) -> None:
+    """``--out`` is given and can be created or written; checked first, before any input is read.
+
+    Raises:
+        CLIError: no ``--out``; it (or a parent) is a file; no permission; it holds files and
+            ``--overwrite`` is not given.
+    """
+    if not ns.out:
+        raise CLIError("--out is required: the folder to write results to")
+    out = Path(ns.out)
+    try:
+        check_output_dir(out, None, name="--out")
+    except PreflightError as exc:
+        raise CLIError(str(exc)) from None
+    if out.is_dir() and any(out.iterdir()) and not ns.overwrite:
+        raise CLIError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -711,17 +752,7 @@ class MergeSession:
         return paths
 
     def _check_out_writable(self) -> None:
-        """--out is given and can be created or written (checked before any input is read)."""
-        if not self.ns.out:
-            raise CLIError("--out is required: the folder to write results to")
-        out = Path(self.ns.out)
-        try:
-            check_output_dir(out, None, name="--out")
-        except PreflightError as exc:
-            raise CLIError(str(exc)) from None
-        if out.is_dir() and any(out.iterdir()) and not self.ns.overwrite:
-            raise CLIError(f"--out {out} exists and is not empty; pass --overwrite to "
-                           "replace it")
+        check_out_writable(self.ns)
 
     def _check_out(self) -> None:
         out = Path(self.ns.out)
@@ -763,7 +794,14 @@ class MergeSession:
                                "in the checkpoint folders" + (" or --model" if self.model_path
                                                               else "") + ")")
             transformers = _transformers()
-            self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.tokenizer_path))
+            try:
+                self._tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    str(self.tokenizer_path))
+            except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+                which = "--tokenizer" if self.ns.tokenizer else "tokenizer"
+                raise CLIError(f"{which} {self.tokenizer_path}: cannot load a tokenizer "
+                               f"({_first_line(exc)}); expected a folder with tokenizer.json or "
+                               "tokenizer_config.json") from None
         return self._tokenizer
 
     # -- held-out data -------------------------------------------------------------------------
@@ -797,7 +835,9 @@ class MergeSession:
         except (CLIError, FileNotFoundError):
             raise
         except Exception as exc:  # noqa: BLE001 - unreadable content, named with the file
-            raise CLIError(f"--heldout {p}: cannot read it ({_first_line(exc)}); expected UTF-8 "
+            why = (_unreadable_reason(exc).replace("a checkpoint", "a token file")
+                   if suffix == ".pt" else f"cannot read it ({_first_line(exc)})")
+            raise CLIError(f"--heldout {p}: {why}; expected UTF-8 "
                            ".txt, .jsonl with 'text' (or 'context', 'choices', 'label'), or .npy/"
                            ".pt integer token ids") from None
         loader = DataLoader(BlockDataset(blocks), batch_size=self.ns.batch_size, shuffle=False)
@@ -923,8 +963,9 @@ class MergeSession:
             if binding is None and self.format == "safetensors":
                 model, binding = self._load_via_folder(auto, dtype_kw, ignore, errors)
             if binding is None:
+                shaped = [e for e in errors if "has shape" in e]
                 raise CLIError(f"the checkpoints do not fit --model {self.model_path}: "
-                               f"{errors[0]}")
+                               f"{(shaped or errors)[0]}")
         model.to(self.device)
         model.eval()
         self.model = model
@@ -1129,6 +1170,7 @@ def _check_matplotlib() -> None:
 # --------------------------------------------------------------------------- commands
 
 def _cmd_merge(ns: argparse.Namespace) -> dict[str, Any]:
+    check_out_writable(ns)
     n = len(ns.checkpoints)
     if n < 2:
         raise CLIError(f"merge needs at least 2 checkpoints, got {n}")
@@ -1317,6 +1359,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _cmd_sweep(ns: argparse.Namespace) -> dict[str, Any]:
+    check_out_writable(ns)
     if len(ns.checkpoints) != 2:
         raise CLIError(f"sweep needs exactly 2 checkpoints (A B, oldest first), got "
                        f"{len(ns.checkpoints)}")
@@ -1376,6 +1419,7 @@ def _plot_sweep(path: Path, session: MergeSession, rows: list[dict[str, Any]]) -
 
 
 def _cmd_heatmap(ns: argparse.Namespace) -> dict[str, Any]:
+    check_out_writable(ns)
     n = len(ns.checkpoints)
     if n < 2:
         raise CLIError(f"heatmap needs at least 2 checkpoints, got {n}")
@@ -1468,7 +1512,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     Raises:
         CLIError, ValueError, FileNotFoundError: bad input, before any work.
-        SystemExit: ``--help`` or an argparse error.
+        SystemExit: ``--help``.
     """
     ns = parse_args(argv)
     if ns.print_config:
@@ -1478,12 +1522,17 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``merge-callback``; returns the exit code (0, or 2 on bad input)."""
+    """Entry point of ``merge-callback``; returns the exit code: 0, 2 on bad input (one line
+    ``merge-callback: error: ...`` on stderr, nothing written), 130 when interrupted."""
     try:
         run(argv)
-    except (CLIError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except (CLIError, ValueError, OSError, ImportError) as exc:
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"{PROG}: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
+        return 130
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     return 0
