@@ -146,6 +146,8 @@ def test_help_of_every_command(capsys):
                  "--print_config", "cmaes", "greedy"):
         assert flag in text, flag
     assert re.search(r"--budget N .*?\(default:\s+10\)", text, re.DOTALL)
+    assert re.search(r"--max_batches N .*?'all': the whole file.*?\(default:\s+50\)", text,
+                     re.DOTALL)
     assert cli.main(["sweep", "--help"]) == 0
     assert "--points" in capsys.readouterr().out
     assert cli.main(["heatmap", "--help"]) == 0
@@ -473,6 +475,30 @@ def test_max_batches(ws):
     assert rec["value"] != _loss(soup, ws)
 
 
+def test_default_batch_budget_and_estimate(ws, capsys):
+    """Candidates are scored on at most --max_batches batches (default 50, stated in the log
+    when it cuts a file); 'all' scores the whole file; the first evaluation gives an estimate."""
+    a, b = map(str, ws["hf"][:2])
+    n_blocks = ws["blocks"].shape[0]
+    assert parse_args(["merge", a, b]).max_batches == cli.DEFAULT_MAX_BATCHES == 50
+    assert parse_args(["merge", a, b, "--max_batches", "all"]).max_batches is None
+    base = ["merge", a, b, "--heldout", str(ws["root"] / "heldout.txt"), "--block_size", str(T),
+            "--batch_size", "1", "--budget", "3"]
+    rec = run(base + ["--max_batches", "2", "--out", str(ws["root"] / "budget-2")])
+    err = capsys.readouterr().err
+    assert rec["heldout"][0]["batches"] == 2
+    assert (f"scoring the first 2 of {n_blocks} batches of {ws['root'] / 'heldout.txt'} per "
+            "candidate (--max_batches 2; --max_batches all scores the whole file)") in err
+    assert re.search(r"evaluation 1 took \d+\.\d s \(2 batches\); the remaining 2 take about "
+                     r"\d+ s", err)
+    rec = run(base + ["--max_batches", "all", "--out", str(ws["root"] / "budget-all")])
+    assert rec["heldout"][0]["batches"] == n_blocks
+    assert "scoring the first" not in capsys.readouterr().err
+    assert n_blocks < 50  # so the default scores the whole (small) file
+    rec = run(base + ["--out", str(ws["root"] / "budget-default")])
+    assert rec["heldout"][0]["batches"] == n_blocks
+
+
 # --------------------------------------------------------------------------- pilot tools
 
 
@@ -672,7 +698,10 @@ def test_progress_bar_on_a_terminal(ws, capsys, monkeypatch):
     run(["merge", a, b, "--heldout", str(ws["root"] / "heldout.txt"), "--budget", "3",
          "--block_size", str(T), "--batch_size", "2", "--out", str(ws["root"] / "bars")])
     err = capsys.readouterr().err
-    assert "eval 1/3" in err and "eval 3/3" in err and "\r" in err  # one bar per evaluation
+    per_eval = -(-ws["blocks"].shape[0] // 2)
+    # one bar over the batches of all 3 evaluations, with elapsed<remaining time
+    assert "eval 1/3" in err and "eval 3/3" in err and "\r" in err
+    assert re.search(rf"eval 3/3: 100%.*\b{3 * per_eval}/{3 * per_eval} \[\d\d:\d\d<\d\d:\d\d", err)
     assert "[3/3] λ=" in err
 
 
