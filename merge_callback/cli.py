@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from merge_callback.io import atomic_directory, json_safe, remove_stale_temporaries
+from merge_callback.io import (atomic_directory, detect_key_prefix, json_safe,
+                               remove_stale_temporaries)
 from merge_callback.preflight import PreflightError, check_heldout, check_output_dir
 from merge_callback.stream import (
     ModuleBinding,
@@ -954,7 +955,7 @@ class MergeSession:
                 model.to(float_dtypes.pop())
             ignore = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
             binding, errors = None, []
-            for prefix in self._prefixes():
+            for prefix in self._prefixes(model.state_dict()):
                 try:
                     binding = ModuleBinding.build(model, ref, prefix=prefix, ignore=ignore)
                     break
@@ -972,12 +973,15 @@ class MergeSession:
         # re-bind after the move: parameters keep their identity, buffers may not
         self.binding = ModuleBinding(model, binding.pairs, binding.skipped)
 
-    def _prefixes(self) -> list[str]:
+    def _prefixes(self, module_keys) -> list[str]:
         if self.ns.key_prefix != "auto":
             return [self.ns.key_prefix]
         keys = self.readers[0].keys
         out = [""]
-        if all(k.startswith("model.") for k in keys):
+        detected = detect_key_prefix(keys, module_keys)
+        if detected:
+            out.append(detected)
+        if all(k.startswith("model.") for k in keys) and "model." not in out:
             out.append("model.")
         common = os.path.commonprefix(keys)
         common = common[: common.rfind(".") + 1] if "." in common else ""

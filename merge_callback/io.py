@@ -37,10 +37,12 @@ __all__ = [
     "TEMPORARY_NAME",
     "temporary_owner",
     "remove_stale_temporaries",
+    "detect_key_prefix",
 ]
 
-#: names of temporaries this package creates: ``.<name>.tmp-<pid>[-<random>]``, ``.<name>.old-<pid>``
-TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)(?:-[A-Za-z0-9_]+)?$")
+#: temporaries this package creates: ``.<name>.tmp-<pid>[-<random>]`` and ``.<name>.old-<pid>``
+TEMPORARY_NAME = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)(?:-[A-Za-z0-9_]+)?$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,7 +97,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     Only names this package creates are touched (:data:`TEMPORARY_NAME`), and only when the process
     id in the name is not a running process on this machine, so a write in progress (this process
     or another) is left alone. A folder moved aside for replacement (``.<name>.old-<pid>``) whose
-    replacement never arrived (``<name>`` is missing) is moved back to ``<name>`` instead of removed.
+    replacement never arrived (``<name>`` is missing) is moved back to ``<name>``, not removed.
     A missing ``directory`` is not an error (nothing to clean).
 
     Args:
@@ -246,6 +248,33 @@ class atomic_directory:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def detect_key_prefix(keys, module_keys) -> str:
+    """The prefix to remove from checkpoint tensor names to reach a module's names.
+
+    A LightningModule saves its network's tensors as ``"<attribute>." + name`` (e.g. ``model.``).
+    The prefix is the first name's first component plus ``"."`` when every checkpoint name starts
+    with it and no module name does; otherwise ``""``.
+
+    Args:
+        keys: the checkpoint's tensor names.
+        module_keys: the target module's ``state_dict()`` names.
+
+    Example:
+        >>> detect_key_prefix(["model.lm_head.weight", "model.embed.weight"], ["lm_head.weight"])
+        'model.'
+        >>> detect_key_prefix(["lm_head.weight"], ["lm_head.weight"])
+        ''
+    """
+    keys = list(keys)
+    first = keys[0] if keys else ""
+    if "." not in first:
+        return ""
+    cand = first.split(".", 1)[0] + "."
+    if all(k.startswith(cand) for k in keys) and not any(k.startswith(cand) for k in module_keys):
+        return cand
+    return ""
 
 
 def lightning_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:

@@ -412,6 +412,23 @@ def test_explicit_key_prefix(ws):
         run(["merge", *map(str, files), "--key_prefix", "model.", "--out", str(r / "never-net"),
              *common])
     assert not (r / "never-net").exists()
+    # --key_prefix auto finds 'net.' (a prefix every file name has and no model name has)
+    auto = run(["merge", *map(str, files), "--out", str(r / "net-auto"), *common])
+    assert auto["value"] == ref["value"]
+    got = load_file(str(r / "net-auto" / "model.safetensors"))
+    assert all(torch.equal(got[k], ref_sd[k]) for k in ref_sd)
+
+
+def test_detect_key_prefix():
+    from merge_callback.io import detect_key_prefix
+
+    own = ["gpt_neox.embed_in.weight", "lm_head.weight"]
+    assert detect_key_prefix(["model." + k for k in own], own) == "model."
+    assert detect_key_prefix(["net." + k for k in own], own) == "net."
+    assert detect_key_prefix(own, own) == ""
+    assert detect_key_prefix(["model.a", "other.b"], own) == ""
+    assert detect_key_prefix(["gpt_neox.x", "gpt_neox.y"], own) == ""  # the model has it too
+    assert detect_key_prefix([], own) == ""
 
 
 def test_pytorch_model_bin_folders_with_legacy_buffers(ws):
