@@ -610,16 +610,22 @@ def _inside(child: Path, parent: Path) -> bool:
 class MergeSession:
     """Validated inputs, held-out data and the evaluation model of one command.
 
-    All checks run in the constructor, before any tensor is read: checkpoint paths and formats,
-    architectures (tensor names, shapes, dtypes; ``config.json``), tokenizers, held-out files and
-    the output folder. The evaluation model is built on first use.
+    All checks run in the constructor, before anything is evaluated or written, in this order:
+    the output folder (given, creatable, writable, not a non-empty folder without --overwrite);
+    checkpoint paths, formats and contents; architectures (tensor names, shapes, dtypes;
+    ``config.json``); tokenizers; the output folder's overlap with inputs and (``soup_output``)
+    its free space for one soup; held-out files (:func:`merge_callback.preflight.check_heldout`).
+    For non-folder checkpoints with ``--model`` the evaluation model is built and bound here (so a
+    ``--model`` that does not fit fails now); for Hugging Face folders it is built on first use.
+    A failed check closes what was opened.
 
     Args:
         ns: parsed options (see :func:`parse_args`).
         need_eval: whether held-out evaluation is required.
+        soup_output: the command writes a soup (checks the free space for one).
 
     Raises:
-        CLIError, FileNotFoundError, ValueError: naming the option and what is allowed.
+        CLIError, FileNotFoundError, ValueError: naming the option or file and what is allowed.
     """
 
     def __init__(self, ns: argparse.Namespace, *, need_eval: bool, soup_output: bool = False):
@@ -633,6 +639,8 @@ class MergeSession:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.evaluations = 0
         self.eval_seconds = 0.0
+        self.expected = 0
+        self.expected_at_most = False
         try:
             self._validate(ns, need_eval, soup_output)
         except BaseException:
@@ -1047,9 +1055,8 @@ class MergeSession:
             values[s.spec.name] = ev(self.model)
         dt = time.perf_counter() - t0
         self.eval_seconds += dt
-        expected = getattr(self, "expected", None)
-        if self.evaluations == 1 and expected and expected > 1:
-            rest = expected - 1
+        if self.evaluations == 1 and self.expected > 1:
+            rest = self.expected - 1
             self.log(f"evaluation 1 took {dt:.1f} s ({sum(s.batches for s in self.shards)} "
                      f"batches); the remaining {'≤' if self.expected_at_most else ''}{rest} take "
                      f"about {_duration(dt * rest)}")
