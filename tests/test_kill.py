@@ -119,6 +119,19 @@ def test_killed_cli_merge_leaves_no_partial_output_and_no_debris(tmp_path, big_c
     assert {p: _sha(p) for p in big_checkpoints} == before  # inputs byte-identical
 
 
+def test_interrupted_cli_merge_cleans_up_itself(tmp_path, big_checkpoints):
+    """Ctrl-C (SIGINT) mid-write: exit code 130, one line, no output and no temporaries."""
+    out = tmp_path / "soup"
+    proc = _start_cli(big_checkpoints, out)
+    assert _wait_for(lambda: any(tmp_path.glob(".soup.tmp-*/*")), proc), proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "merge-callback: interrupted; no output was written"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_killed_overwrite_keeps_the_previous_soup(tmp_path, big_checkpoints):
     out = tmp_path / "soup"
     out.mkdir()
