@@ -50,7 +50,7 @@ __all__ = ["main", "run", "build_parser", "parse_args", "config_dict", "dump_con
 
 PROG = "merge-callback"
 #: held-out batches per file and candidate unless --max_batches says otherwise
-DEFAULT_MAX_BATCHES = 50
+DEFAULT_MAX_BATCHES = 20
 METHODS = ("bayes", "cmaes", "greedy", "uniform")
 ACQ_FUNCS = ("gp_hedge", "EI", "PI", "LCB")
 LM_METRICS = ("loss", "perplexity", "accuracy")
