@@ -239,7 +239,13 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
             world_size=args.world_size, shard=not sharded, seed=self.config.seed,
             reduce_sum=dist.all_reduce_sum if dist.world_size() > 1 else None,
             context=trainer.accelerator.autocast)
-        self._restore(args, state, _unwrap(model if model is not None else trainer.model))
+        module = _unwrap(model if model is not None else trainer.model)
+        warning = self.schedule.preflight(
+            module, data, self._soup_root(args) if self.save_soups and args.should_save else None,
+            max_batches=self.max_batches)
+        if warning:
+            self._warn(state, warning)
+        self._restore(args, state, module)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._evaluator is not None:
@@ -324,7 +330,7 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
 
     def _write_soup(self, args, soup: ChosenSoup, processing_class) -> Path:
         result = soup.result
-        root = self.soup_dir if self.soup_dir is not None else Path(args.output_dir) / "soups"
+        root = self._soup_root(args)
         info = result.to_json()
         info.update(checkpoint=f"checkpoint-{result.step}",
                     previous_checkpoint=f"checkpoint-{result.previous_step}")
@@ -342,6 +348,9 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
         if self.keep_last_soups is not None:
             self._prune_soups(root, result.step)
         return folder
+
+    def _soup_root(self, args) -> Path:
+        return self.soup_dir if self.soup_dir is not None else Path(args.output_dir) / "soups"
 
     def _prune_soups(self, root: Path, step: int) -> None:
         soups = []

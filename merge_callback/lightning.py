@@ -159,9 +159,14 @@ class BayesMergeCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        warning = self.schedule.resume(pl_module, trainer.global_step)
-        if warning:
-            rank_zero_warn(f"BayesMergeCallback: {warning}")
+        assert self._evaluator is not None
+        for warning in (self.schedule.preflight(
+                pl_module, self._evaluator.data,
+                self._resolve_soup_dir(trainer) if self.save_soups else None,
+                max_batches=self.max_batches),
+                self.schedule.resume(pl_module, trainer.global_step)):
+            if warning:
+                rank_zero_warn(f"BayesMergeCallback: {warning}")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

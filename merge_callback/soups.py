@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from merge_callback import dist
-from merge_callback.io import atomic_directory, atomic_write_json, save_safetensors_atomic
+from merge_callback.io import (atomic_directory, atomic_write_json, detect_key_prefix,
+                               save_safetensors_atomic)
 
 __all__ = ["SHARDED_FORMAT", "write_soup_files", "write_hf_soup_folder", "shard_file_name",
            "write_sharded_soup", "read_sharded_soup", "consolidate_sharded_soup",
@@ -264,13 +265,7 @@ def consolidate_sharded_soup(path: str | os.PathLike, out: str | os.PathLike, *,
         return save_safetensors_atomic(out, tensors, header)
     own = set(model.state_dict())
     if prefix is None:
-        prefix = ""
-        first = next(iter(tensors), "")
-        if "." in first:
-            cand = first.split(".", 1)[0] + "."
-            if all(k.startswith(cand) for k in tensors) and not any(k.startswith(cand)
-                                                                     for k in own):
-                prefix = cand
+        prefix = detect_key_prefix(tensors, own)
     stripped = {(k[len(prefix):] if prefix and k.startswith(prefix) else k): v
                 for k, v in tensors.items()}
     extra = sorted(set(stripped) - own)

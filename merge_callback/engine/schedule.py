@@ -23,8 +23,12 @@ from merge_callback.engine.families import (EmaTrack, Family, combine_into_, ema
                                             geometric_family, live_targets, pairwise_family)
 from merge_callback.engine.options import validate_averaging_args, validate_callback_args
 from merge_callback.engine.round import RoundConfig, RoundResult, build_soup, run_round
-from merge_callback.engine.snapshot import ShardedSnapshot, Snapshot, capture_snapshot
-from merge_callback.evaluate import Metric
+from merge_callback.engine.snapshot import (ShardedSnapshot, Snapshot, capture_nbytes,
+                                             capture_snapshot)
+from merge_callback.evaluate import Metric, accuracy_metric, loss_metric, preserved_rng
+from merge_callback.io import remove_stale_temporaries
+from merge_callback.preflight import (PreflightError, check_heldout, check_output_dir,
+                                      format_bytes, model_limits)
 from merge_callback.soups import write_sharded_soup, write_soup_files
 
 __all__ = ["STATE_VERSION", "Runtime", "ChosenSoup", "MergeSchedule"]
@@ -226,6 +230,39 @@ class MergeSchedule:
         self._stored_tensors = None
         return None
 
+    def preflight(self, module: nn.Module, heldout: Any, soup_dir: str | os.PathLike | None, *,
+                  max_batches: int | None = None) -> str | None:
+        """Check, before any round, what would make every round fail or mislead.
+
+        The held-out data (re-iterable, LM batches with integer ids inside the module's vocabulary
+        and rows no longer than its positions, non-empty; for the built-in metrics, whose
+        batches the package reads — a callable metric reads its own) and the soup folder (writable, room for one
+        soup; stale temporaries of a killed writer are removed first).
+
+        Returns:
+            ``None``, or (with ``on_error="warn"``) the problem to report once: rounds are then
+            disabled for this run.
+
+        Raises:
+            PreflightError: with ``on_error="raise"``.
+        """
+        try:
+            if self.metric.fn in (loss_metric, accuracy_metric):
+                vocab, positions = model_limits(module)
+                with preserved_rng():  # iterating a loader draws from the global RNG
+                    check_heldout(heldout, vocab_size=vocab, max_positions=positions,
+                                  max_batches=max_batches)
+            if soup_dir is not None:
+                if Path(soup_dir).is_dir():
+                    remove_stale_temporaries(soup_dir)
+                check_output_dir(soup_dir, capture_nbytes(module), name="soup_dir")
+        except PreflightError as e:
+            if self.on_error == "raise":
+                raise
+            self.enabled = False
+            return f"{e}; merge rounds are disabled for this run, training goes on unchanged"
+        return None
+
     def release(self) -> None:
         """Give recycled page-locked memory back (end of training)."""
         self.spare = None
@@ -308,9 +345,11 @@ class MergeSchedule:
             except Exception as e:  # noqa: BLE001
                 if self.on_error == "raise":
                     raise
-                rt.warn(f"writing the soup of step {step} failed; the round's result was "
-                        f"recorded and logged and training continues unchanged. "
-                        f"{type(e).__name__}: {e}")
+                where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+                rt.warn(f"writing the soup of step {step} failed{where}: a soup needs about "
+                        f"{format_bytes(chosen.latest.nbytes)} "
+                        f"({chosen.latest.nbytes} bytes); the round's result was recorded and "
+                        f"logged and training continues unchanged. {type(e).__name__}: {e}")
         return chosen.result
 
     def previous_save(self) -> Snapshot:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from merge_callback.engine.sharded import ShardLayout, is_sharded, local_state_dict
 from merge_callback.merge import storage_ident
 
-__all__ = ["Snapshot", "ShardedSnapshot", "capture_snapshot"]
+__all__ = ["Snapshot", "ShardedSnapshot", "capture_snapshot", "capture_nbytes"]
 
 
 class Snapshot:
@@ -243,6 +243,20 @@ class _TensorsModule(nn.Module):
 
     def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:  # type: ignore[override]
         return dict(self._tensors)
+
+
+def capture_nbytes(module: nn.Module) -> int:
+    """Bytes a snapshot of ``module`` takes (this rank's shards of a sharded module; tied
+    tensors once): the size of one soup on disk."""
+    sd = local_state_dict(module)[0] if is_sharded(module) else module.state_dict()
+    seen: set[tuple] = set()
+    total = 0
+    for t in sd.values():
+        ident = storage_ident(t)
+        if ident not in seen:
+            seen.add(ident)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def capture_snapshot(module: nn.Module, step: int, pin_memory: bool | None = None,
