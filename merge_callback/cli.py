@@ -32,8 +32,11 @@ from typing import Any
 
 import torch
 
+from merge_callback.engine.options import ACQ_FUNCS
+from merge_callback.evaluate import BUILTIN_METRICS
 from merge_callback.io import (atomic_directory, detect_key_prefix, json_safe,
                                remove_stale_temporaries)
+from merge_callback.nway import METHODS as WEIGHT_METHODS
 from merge_callback.preflight import PreflightError, check_heldout, check_output_dir
 from merge_callback.stream import (
     ModuleBinding,
@@ -51,9 +54,8 @@ __all__ = ["main", "run", "build_parser", "parse_args", "config_dict", "dump_con
 PROG = "merge-callback"
 #: held-out batches per file and candidate unless --max_batches says otherwise
 DEFAULT_MAX_BATCHES = 20
-METHODS = ("bayes", "cmaes", "greedy", "uniform")
-ACQ_FUNCS = ("gp_hedge", "EI", "PI", "LCB")
-LM_METRICS = ("loss", "perplexity", "accuracy")
+METHODS = tuple(sorted(WEIGHT_METHODS))  # listed alphabetically in --help and errors
+LM_METRICS = BUILTIN_METRICS
 _NOT_IN_CONFIG = ("command", "config", "print_config")
 CONFIG_FILE_KEYS = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -1207,10 +1209,10 @@ def _cmd_merge(ns: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"--heldout is required for --method {method} (candidates are scored on "
                        "held-out data); for a plain merge pass --weights or --method uniform")
     if method == "cmaes":
-        from merge_callback.nway import _import_optuna
+        from merge_callback.nway import import_optuna
 
         try:
-            _import_optuna()
+            import_optuna()
         except ImportError as exc:
             raise CLIError(str(exc)) from None
     pairwise = method == "bayes" and n == 2

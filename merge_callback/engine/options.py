@@ -10,9 +10,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from merge_callback.evaluate import BUILTIN_METRICS as METRICS
 from merge_callback.search import ACQ_FUNCS, STRATEGIES
 
-__all__ = ["STRATEGIES", "ACQ_FUNCS", "ON_ERROR", "check_positive_int", "check_bool",
+__all__ = ["STRATEGIES", "ACQ_FUNCS", "METRICS", "ON_ERROR", "check_positive_int", "check_bool",
            "check_path", "check_number", "check_decays", "validate_callback_args",
            "validate_averaging_args"]
 
