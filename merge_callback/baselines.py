@@ -231,7 +231,6 @@ def greedy_soup(state_dicts: Sequence[StateDict], score: Callable[[StateDict], f
     sds = _check_state_dicts(state_dicts)
     if not callable(score):
         raise ValueError(f"score must be a callable(state_dict) -> float, got {type(score).__name__}")
-    sign = -1.0 if higher_is_better else 1.0
 
     def _score(sd: StateDict) -> float:
         value = float(score(sd))

@@ -1,5 +1,5 @@
 """``python -m merge_callback.fsdp SRC OUT``: consolidate a sharded soup (see
-:mod:`merge_callback.soups`) into one safetensors file or a Hugging Face model folder."""
+:mod:`merge_callback.io.soups`) into one safetensors file or a Hugging Face model folder."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from merge_callback.soups import consolidate_sharded_soup
+from merge_callback.io.soups import consolidate_sharded_soup
 
 __all__ = ["main"]
 

@@ -32,7 +32,7 @@ from merge_callback.engine import ChosenSoup, MergeSchedule, RoundConfig, RoundR
 from merge_callback.engine.options import check_bool, validate_callback_args
 from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric
 from merge_callback.io import atomic_write_bytes, save_safetensors_atomic
-from merge_callback.soups import read_tensor_state, write_hf_soup_folder, write_tensor_state
+from merge_callback.io.soups import read_tensor_state, write_hf_soup_folder, write_tensor_state
 from merge_callback.tracking import log_round_to_wandb_run, round_scalars
 
 __all__ = ["BayesMergeTrainerCallback"]

@@ -20,7 +20,7 @@ from torch.utils.data import DistributedSampler
 from typing_extensions import override
 
 from merge_callback.engine import MergeSchedule, RoundConfig, RoundResult, Runtime, ShardLocalView
-from merge_callback.engine.options import check_bool, check_path, validate_callback_args
+from merge_callback.engine.options import check_bool, validate_callback_args
 from merge_callback.engine.schedule import ChosenSoup
 from merge_callback.engine.sharded import is_sharded
 from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric

@@ -15,8 +15,7 @@ from merge_callback.engine import (ChosenSoup, RoundResult, ShardedSnapshot, Sna
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
 from merge_callback.fsdp import main
 from merge_callback.lightning import UnsupportedStrategyError, check_strategy_supported
-from merge_callback.soups import SHARDED_FORMAT, consolidate_sharded_soup, read_sharded_soup
-from merge_callback.io import load_state_dict
+from merge_callback.io.soups import SHARDED_FORMAT, consolidate_sharded_soup, read_sharded_soup
 from merge_callback.merge import lerp_state_dicts
 from test_ddp import launch
 

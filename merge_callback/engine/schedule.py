@@ -29,7 +29,7 @@ from merge_callback.evaluate import Metric, accuracy_metric, loss_metric, preser
 from merge_callback.io import remove_stale_temporaries
 from merge_callback.preflight import (PreflightError, check_heldout, check_output_dir,
                                       format_bytes, model_limits)
-from merge_callback.soups import write_sharded_soup, write_soup_files
+from merge_callback.io.soups import write_sharded_soup, write_soup_files
 
 __all__ = ["STATE_VERSION", "Runtime", "ChosenSoup", "MergeSchedule"]
 

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from merge_callback import dist
-from merge_callback.io import (atomic_directory, atomic_write_json, detect_key_prefix,
-                               save_safetensors_atomic)
+from merge_callback.io.atomic import atomic_directory, atomic_write_json, save_safetensors_atomic
+from merge_callback.io.readers import detect_key_prefix
 
 __all__ = ["SHARDED_FORMAT", "write_soup_files", "write_hf_soup_folder", "shard_file_name",
            "write_sharded_soup", "read_sharded_soup", "consolidate_sharded_soup",

@@ -1,4 +1,4 @@
-"""Checkpoint reading and atomic soup writing.
+"""Atomic writes, and the removal of what a killed write left behind.
 
 Soups are written to a temporary name in the destination folder, flushed to disk and moved into
 place with ``os.replace``, so a reader sees either the previous file or the complete new one, never a
@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 __all__ = [
@@ -31,13 +30,10 @@ __all__ = [
     "atomic_write_json",
     "save_safetensors_atomic",
     "atomic_directory",
-    "load_state_dict",
-    "lightning_state_dict",
     "json_safe",
     "TEMPORARY_NAME",
     "temporary_owner",
     "remove_stale_temporaries",
-    "detect_key_prefix",
 ]
 
 #: temporaries this package creates: ``.<name>.tmp-<pid>[-<random>]`` and ``.<name>.old-<pid>``
@@ -248,83 +244,3 @@ class atomic_directory:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
-
-
-def detect_key_prefix(keys, module_keys) -> str:
-    """The prefix to remove from checkpoint tensor names to reach a module's names.
-
-    A LightningModule saves its network's tensors as ``"<attribute>." + name`` (e.g. ``model.``).
-    The prefix is the first name's first component plus ``"."`` when every checkpoint name starts
-    with it and no module name does; otherwise ``""``.
-
-    Args:
-        keys: the checkpoint's tensor names.
-        module_keys: the target module's ``state_dict()`` names.
-
-    Example:
-        >>> detect_key_prefix(["model.lm_head.weight", "model.embed.weight"], ["lm_head.weight"])
-        'model.'
-        >>> detect_key_prefix(["lm_head.weight"], ["lm_head.weight"])
-        ''
-    """
-    keys = list(keys)
-    first = keys[0] if keys else ""
-    if "." not in first:
-        return ""
-    cand = first.split(".", 1)[0] + "."
-    if all(k.startswith(cand) for k in keys) and not any(k.startswith(cand) for k in module_keys):
-        return cand
-    return ""
-
-
-def lightning_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The model ``state_dict`` stored in a loaded Lightning checkpoint dict."""
-    if "state_dict" not in checkpoint:
-        raise ValueError("not a Lightning checkpoint: no 'state_dict' entry (keys: "
-                         f"{', '.join(list(checkpoint)[:8])})")
-    return dict(checkpoint["state_dict"])
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read model tensors from a Lightning ``.ckpt``, a ``.safetensors`` file, a ``.bin``/``.pt``
-    state dict, or a Hugging Face folder (``model.safetensors`` or a sharded index).
-
-    Files are opened read-only; ``torch.load`` runs with ``weights_only=True``.
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: the format is not one of the above.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        single = path / "model.safetensors"
-        index = path / "model.safetensors.index.json"
-        if single.exists():
-            return load_state_dict(single)
-        if index.exists():
-            from safetensors.torch import load_file
-
-            weight_map = json.loads(index.read_text())["weight_map"]
-            out: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                out.update(load_file(str(path / shard)))
-            return {k: out[k] for k in weight_map}
-        raise ValueError(f"folder {path} holds no model.safetensors or "
-                         "model.safetensors.index.json (a Hugging Face checkpoint folder)")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and "state_dict" in obj:
-            return lightning_state_dict(obj)
-        if isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values()):
-            return dict(obj)
-        raise ValueError(f"{path} holds no state dict (expected a Lightning checkpoint or a "
-                         "mapping of tensors)")
-    raise ValueError(f"unsupported checkpoint {path}: expected a Lightning .ckpt, .safetensors, "
-                     ".pt/.pth/.bin state dict, or a Hugging Face folder")
