@@ -28,9 +28,9 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
                       "with `pip install 'merge_callback[hf]'`") from _e
 
 from merge_callback import dist
-from merge_callback.engine import ChosenSoup, MergeSchedule, RoundConfig, RoundResult, Runtime
-from merge_callback.engine.options import check_bool, validate_callback_args
-from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric
+from merge_callback.engine import ChosenSoup, MergeSchedule, RoundResult, Runtime
+from merge_callback.engine.schedule import ScheduleOwner
+from merge_callback.evaluate import HeldoutEvaluator, MetricFn
 from merge_callback.io import atomic_write_bytes, save_safetensors_atomic
 from merge_callback.io.soups import read_tensor_state, write_hf_soup_folder, write_tensor_state
 from merge_callback.tracking import log_round_to_wandb_run, round_scalars
@@ -63,7 +63,7 @@ def _find_trainer(callback: TrainerCallback) -> Trainer | None:
     return None
 
 
-class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
+class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState):
     """Merge every new ``checkpoint-<step>`` with the previous one, θ = λ·θ_t + (1−λ)·θ_{t−1}.
 
     At each checkpoint save of a ``transformers.Trainer`` (after the first) the callback searches
@@ -80,23 +80,12 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
         heldout: a ``Dataset`` (batched with the Trainer's data collator and
             ``per_device_eval_batch_size``), a ``DataLoader`` or any re-iterable of batches;
             ``None`` uses the Trainer's ``eval_dataset`` (the first one if it is a dict).
-        metric: ``"loss"``, ``"perplexity"``, ``"accuracy"`` or ``callable(module, batch) ->
-            (total, count)``.
-        higher_is_better: direction of a callable metric (built-ins know theirs).
-        budget: held-out evaluations per round (≥ 3), λ = alpha and λ = 1 included.
-        alpha: lower bound of λ, in (0, 1).
-        acq_func: ``"gp_hedge"``, ``"EI"``, ``"PI"`` or ``"LCB"``.
-        strategy: ``"bayes"``, ``"grid"``, ``"random"`` or ``"greedy"``.
-        max_batches: evaluate at most this many held-out batches per evaluation.
+        metric, higher_is_better, budget, alpha, acq_func, strategy, max_batches,
+        every_n_saves, seed, on_error, warm_start, stop_tol: as in
+            :class:`merge_callback.BayesMergeCallback` (the same validation and meaning).
         soup_dir: where soup folders go; default ``<output_dir>/soups``.
-        every_n_saves: run a round at every n-th checkpoint save.
-        seed: seed of the search and of held-out iteration.
-        on_error: ``"warn"`` (report a failed round, keep training) or ``"raise"``.
         save_soups: write soup folders (False: only log λ and the curves).
         keep_last_soups: keep only the newest K soup folders (``None``: keep all).
-        warm_start: also evaluate the last round's choice right after the first points.
-        stop_tol: end a round early once the Gaussian process expects no λ to improve the metric
-            by ``stop_tol`` or more (``strategy="bayes"`` only).
         history, snapshot_every, ema_decays: the averaging families, exactly as in
             ``BayesMergeCallback``: geometric weights over the last ``history`` snapshots
             (taken every ``snapshot_every`` steps and at saves) and EMA tracks blended with the
@@ -123,51 +112,19 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
                  keep_last_soups: int | None = None, warm_start: bool = False,
                  stop_tol: float | None = None, history: int = 2,
                  snapshot_every: int | None = None, ema_decays: Sequence[float] = ()):
-        check_bool("higher_is_better", higher_is_better, allow_none=True)
-        config = RoundConfig(alpha=alpha, budget=budget, strategy=strategy, acq_func=acq_func,
-                             seed=seed, warm_start=warm_start, stop_tol=stop_tol)
-        self.metric = resolve_metric(metric, higher_is_better)
         if heldout is not None and (isinstance(heldout, (str, bytes)) or (
                 not isinstance(heldout, (Dataset, IterableDataset)) and
                 not hasattr(heldout, "__iter__"))):
             raise ValueError("heldout must be a Dataset, a DataLoader or an iterable of batches, "
                              "or None to use the Trainer's eval_dataset; got "
                              f"{type(heldout).__name__}")
-        validate_callback_args(max_batches=max_batches, every_n_saves=every_n_saves,
-                               on_error=on_error, save_soups=save_soups, soup_dir=soup_dir,
-                               keep_last_soups=keep_last_soups)
-        self.schedule = MergeSchedule(config, self.metric, every_n_saves=every_n_saves,
-                                      history=history, snapshot_every=snapshot_every,
-                                      ema_decays=ema_decays, on_error=on_error)
-        self.heldout = heldout
-        self.max_batches = max_batches
-        self.soup_dir = Path(soup_dir) if soup_dir is not None else None
-        self.save_soups = save_soups
+        self._own_schedule(locals())
         self.keep_last_soups = keep_last_soups
         self.unsaved_args: list[str] = []
         self._metric_is_name = isinstance(metric, str)
         self._trainer_ref: Callable[[], Trainer | None] = lambda: None
-        self._evaluator: HeldoutEvaluator | None = None
 
     # ------------------------------------------------------------- public helpers
-    @property
-    def config(self) -> RoundConfig:
-        return self.schedule.config
-
-    @property
-    def on_error(self) -> str:
-        return self.schedule.on_error
-
-    @property
-    def every_n_saves(self) -> int:
-        return self.schedule.every_n_saves
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One dict per finished round: step, lambda, value_soup, value_latest, value_previous,
-        previous_step (and family, param for averaging rounds)."""
-        return self.schedule.history
-
     @property
     def merge_state(self) -> dict[str, Any]:
         """The resumable state (plain Python)."""

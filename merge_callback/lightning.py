@@ -19,18 +19,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 from typing_extensions import override
 
-from merge_callback.engine import MergeSchedule, RoundConfig, RoundResult, Runtime, ShardLocalView
-from merge_callback.engine.options import check_bool, validate_callback_args
-from merge_callback.engine.schedule import ChosenSoup
+from merge_callback.engine import RoundResult, Runtime, ShardLocalView
+from merge_callback.engine.schedule import ChosenSoup, ScheduleOwner
 from merge_callback.engine.sharded import is_sharded
-from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric
+from merge_callback.evaluate import HeldoutEvaluator, MetricFn
 from merge_callback.progress import RoundProgress
 from merge_callback.tracking import log_round_to_wandb_run, round_scalars
 
 __all__ = ["BayesMergeCallback", "UnsupportedStrategyError", "check_strategy_supported"]
 
 
-class BayesMergeCallback(Callback):
+class BayesMergeCallback(ScheduleOwner, Callback):
     """Merge every new checkpoint with the previous one, θ = λ·θ_t + (1−λ)·θ_{t−1}.
 
     At each checkpoint save (after the first) the callback searches λ ∈ [alpha, 1] with at most
@@ -95,33 +94,11 @@ class BayesMergeCallback(Callback):
                  ema_decays: Sequence[float] = (), warm_start: bool = False,
                  stop_tol: float | None = None):
         super().__init__()
-        check_bool("higher_is_better", higher_is_better, allow_none=True)
-        config = RoundConfig(alpha=alpha, budget=budget, strategy=strategy, acq_func=acq_func,
-                             seed=seed, warm_start=warm_start, stop_tol=stop_tol)
-        self.metric = resolve_metric(metric, higher_is_better)
         if heldout is not None and (not hasattr(heldout, "__iter__")
                                     or isinstance(heldout, (str, bytes))):
             raise ValueError("heldout must be a DataLoader or an iterable of batches, or None to "
                              f"use the trainer's validation dataloader; got {type(heldout).__name__}")
-        validate_callback_args(max_batches=max_batches, every_n_saves=every_n_saves,
-                               on_error=on_error, save_soups=save_soups, soup_dir=soup_dir)
-        self.schedule = MergeSchedule(config, self.metric, every_n_saves=every_n_saves,
-                                      history=history, snapshot_every=snapshot_every,
-                                      ema_decays=ema_decays, on_error=on_error)
-        self.heldout = heldout
-        self.max_batches = max_batches
-        self.soup_dir = Path(soup_dir) if soup_dir is not None else None
-        self.save_soups = save_soups
-        self._evaluator: HeldoutEvaluator | None = None
-
-    @property
-    def config(self) -> RoundConfig:
-        return self.schedule.config
-
-    @property
-    def pairwise_only(self) -> bool:
-        """True for the paper's method: the last two saves, λ ∈ [alpha, 1]."""
-        return self.schedule.pairwise_only
+        self._own_schedule(locals())
 
     @property
     @override
@@ -129,11 +106,6 @@ class BayesMergeCallback(Callback):
         c = self.config
         return self._generate_state_key(metric=self.metric.name, alpha=c.alpha, budget=c.budget,
                                         strategy=c.strategy)
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One dict per finished round: step, lambda, value_soup, value_latest, value_previous."""
-        return self.schedule.history
 
     # ---------------------------------------------------------------- hooks
     @override

@@ -21,17 +21,19 @@ from torch import Tensor, nn
 
 from merge_callback.engine.families import (EmaTrack, Family, combine_into_, ema_family,
                                             geometric_family, live_targets, pairwise_family)
-from merge_callback.engine.options import validate_averaging_args, validate_callback_args
+from merge_callback.engine.options import (check_bool, validate_averaging_args,
+                                           validate_callback_args)
 from merge_callback.engine.round import RoundConfig, RoundResult, build_soup, run_round
 from merge_callback.engine.snapshot import (ShardedSnapshot, Snapshot, capture_nbytes,
                                              capture_snapshot)
-from merge_callback.evaluate import Metric, accuracy_metric, loss_metric, preserved_rng
+from merge_callback.evaluate import (Metric, accuracy_metric, loss_metric, preserved_rng,
+                                     resolve_metric)
 from merge_callback.io import remove_stale_temporaries
 from merge_callback.preflight import (PreflightError, check_heldout, check_output_dir,
                                       format_bytes, model_limits)
 from merge_callback.io.soups import write_sharded_soup, write_soup_files
 
-__all__ = ["STATE_VERSION", "Runtime", "ChosenSoup", "MergeSchedule"]
+__all__ = ["STATE_VERSION", "Runtime", "ChosenSoup", "MergeSchedule", "ScheduleOwner"]
 
 STATE_VERSION = 1
 
@@ -163,6 +165,37 @@ class MergeSchedule:
         self.enabled = True
         self._stored_tensors: Mapping[str, Any] | None = None
         self.state = self.initial_state()
+
+    @classmethod
+    def from_args(cls, *, metric: Any, higher_is_better: Any, budget: Any, alpha: Any,
+                  acq_func: Any, strategy: Any, seed: Any, warm_start: Any, stop_tol: Any,
+                  every_n_saves: Any, history: Any, snapshot_every: Any, ema_decays: Any,
+                  on_error: Any, max_batches: Any, save_soups: Any, soup_dir: Any,
+                  keep_last_soups: Any = None) -> MergeSchedule:
+        """Validate every argument the callbacks share, in one place, and build the schedule
+        (``schedule.metric`` is the resolved metric).
+
+        Raises:
+            ValueError: naming the first invalid argument and what is allowed.
+        """
+        check_bool("higher_is_better", higher_is_better, allow_none=True)
+        config = RoundConfig(alpha=alpha, budget=budget, strategy=strategy, acq_func=acq_func,
+                             seed=seed, warm_start=warm_start, stop_tol=stop_tol)
+        resolved = resolve_metric(metric, higher_is_better)
+        validate_callback_args(max_batches=max_batches, every_n_saves=every_n_saves,
+                               on_error=on_error, save_soups=save_soups, soup_dir=soup_dir,
+                               keep_last_soups=keep_last_soups)
+        return cls(config, resolved, every_n_saves=every_n_saves, history=history,
+                   snapshot_every=snapshot_every, ema_decays=ema_decays, on_error=on_error)
+
+    @classmethod
+    def from_callback(cls, arguments: Mapping[str, Any]) -> MergeSchedule:
+        """:meth:`from_args` with the arguments it takes picked from a callback constructor's
+        ``locals()`` (both adapters name them the same)."""
+        import inspect
+
+        names = [n for n in inspect.signature(cls.from_args).parameters if n != "cls"]
+        return cls.from_args(**{n: arguments[n] for n in names if n in arguments})
 
     # ---------------------------------------------------------------- state
     @property
@@ -414,3 +447,47 @@ class MergeSchedule:
         family = next(f for f in families if f.name == result.family)
         return ChosenSoup(result, family, sources, rt.target,
                           in_place_ok=self.history_size == 2 and not self.ema_decays)
+
+
+class ScheduleOwner:
+    """What both callbacks share: their validated settings, the schedule and views of it.
+
+    An adapter's constructor checks its own ``heldout`` type, then calls
+    :meth:`_own_schedule` with its ``locals()``.
+    """
+
+    schedule: MergeSchedule
+
+    def _own_schedule(self, arguments: Mapping[str, Any]) -> None:
+        self.schedule = MergeSchedule.from_callback(arguments)  # validates every argument
+        self.metric = self.schedule.metric
+        self.heldout = arguments["heldout"]
+        self.max_batches = arguments["max_batches"]
+        soup_dir = arguments["soup_dir"]
+        self.soup_dir = Path(soup_dir) if soup_dir is not None else None
+        self.save_soups = arguments["save_soups"]
+        self._evaluator = None
+
+    @property
+    def config(self) -> RoundConfig:
+        """The search settings."""
+        return self.schedule.config
+
+    @property
+    def on_error(self) -> str:
+        return self.schedule.on_error
+
+    @property
+    def every_n_saves(self) -> int:
+        return self.schedule.every_n_saves
+
+    @property
+    def pairwise_only(self) -> bool:
+        """True for the paper's method: the last two saves, λ ∈ [alpha, 1]."""
+        return self.schedule.pairwise_only
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per finished round: step, lambda, value_soup, value_latest, value_previous,
+        previous_step (and family, param for averaging rounds)."""
+        return self.schedule.history

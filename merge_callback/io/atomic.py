@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +135,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
+
+    return _publish(path, write)
+
+
+def _publish(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a temporary name beside ``path``, flush it to disk, move it into place
+    with ``os.replace`` and flush the folder; the temporary is gone whatever happens."""
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -192,17 +202,7 @@ def save_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Tenso
             out[keys[i]] = t.clone()
         else:
             reach = t.data_ptr() + nbytes
-    tmp = _tmp_path(path)
-    try:
-        save_file(out, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+    return _publish(path, lambda tmp: save_file(out, str(tmp), metadata=meta))
 
 
 class atomic_directory:
