@@ -367,7 +367,11 @@ def local_state_dict_fsdp1(module: nn.Module) -> tuple[dict[str, Tensor], dict[s
         flat = handle.flat_param
         base = clean_tensor_name(prefix)
         base = f"{base}." if base else ""
-        local = flat._local_shard
+        # FSDP sets _local_shard at its lazy initialisation (the first forward); before that the
+        # flat parameter's data is the local shard itself
+        local = getattr(flat, "_local_shard", None)
+        if local is None:
+            local = flat.data
         sharded = handle.uses_sharded_strategy
         if sharded and _world(handle.process_group) != world:
             raise ValueError(f"FSDP module {prefix or '<root>'!r} shards over "

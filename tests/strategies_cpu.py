@@ -67,10 +67,16 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 class CPUFSDPStrategy(FSDPStrategy):
-    """``FSDPStrategy`` (FSDP1) on CPU with gloo: wraps with ``device_id=torch.device("cpu")``."""
+    """``FSDPStrategy`` (FSDP1) on CPU with gloo: wraps with ``device_id=torch.device("cpu")``.
+
+    Checkpoints default to ``state_dict_type="sharded"``: Lightning's ``"full"`` checkpoint
+    gathers with ``offload_to_cpu=True``, which on a CPU-only run frees the storage FSDP is
+    reading and crashes the save (segmentation fault or "setStorage ... storage of size 0").
+    """
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("process_group_backend", "gloo")
+        kwargs.setdefault("state_dict_type", "sharded")
         super().__init__(*args, **kwargs)
 
     def _setup_model(self, model: Module) -> Module:

@@ -80,6 +80,19 @@ def test_hf_trainer_deepspeed_shard_local_merge(tmp_path, kind):
     assert ranks[0]["is_deepspeed_enabled"] and ranks[0]["zero_stage"] == int(kind[-1])
 
 
+@pytest.mark.parametrize("kind", ["zero2", "zero3", "fsdp1", "fsdp1_flat"])
+def test_lightning_resume_continues_bitwise_with_the_same_view(tmp_path, kind):
+    if kind.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    launch("zero_resume_script.py", tmp_path, sys.executable, args=(kind,))
+    for r in _records(tmp_path):
+        assert r["is_dir"]  # DeepSpeed and sharded FSDP1 checkpoints are folders
+        assert r["losses_equal"] and r["final_bitwise"]
+        assert r["callback_state_loaded"] == {"steps_seen": 5} and r["start_step"] == 5
+        # what a merge callback captures in on_train_start after resuming is the step-5 view
+        assert r["start_view_equals_step5_view"]
+
+
 # ----------------------------------------------------------------------------- one process
 
 
