@@ -1,8 +1,10 @@
 """Two-process transformers.Trainer run (gloo, CPU) under DeepSpeed ZeRO-2 or ZeRO-3.
 
-Started by test_zero.py through ``python -m torch.distributed.run --nproc_per_node 2``. Trains
-the same model twice in the same two processes: once with the shard-local merge probe
-(tests/zero_probe.py), once without, so the test can compare the final weights bitwise.
+Started by test_zero.py through ``python -m torch.distributed.run --nproc_per_node 2``. In the
+same two processes: trains with the shard-local merge probe (tests/zero_probe.py) running in
+``on_save`` after the checkpoints of steps 4 and 8 are written; trains again without it, so the
+test can compare the final weights bitwise; and resumes the second run from its step-4
+checkpoint, recording the local view ``on_train_begin`` sees and the final weights.
 Usage: hf_zero_script.py OUT_DIR {zero2,zero3}
 """
 
@@ -23,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from merge_callback.data import BlockDataset, tiny_gpt_neox  # noqa: E402
 from lightning_helpers import VOCAB, token_blocks  # noqa: E402
+from merge_callback.zero import local_state_dict_any  # noqa: E402
 from zero_probe import Probe, gather_full  # noqa: E402
 
 MAX_STEPS = 10
@@ -52,12 +55,21 @@ class ProbeCallback(TrainerCallback):
     def __init__(self, probe: Probe):
         self.probe = probe
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         self.probe.step(model, state.global_step)
 
 
-def train(out: Path, kind: str, callbacks) -> tuple[Trainer, dict]:
-    args = TrainingArguments(output_dir=str(out), max_steps=MAX_STEPS, save_strategy="no",
+class BeginView(TrainerCallback):
+    """The local view (a copy) and the step when training begins or resumes."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        local, _ = local_state_dict_any(model)
+        self.view = {k: t.clone() for k, t in local.items()}
+        self.step = state.global_step
+
+
+def train(out: Path, kind: str, callbacks, resume=None) -> tuple[Trainer, dict]:
+    args = TrainingArguments(output_dir=str(out), max_steps=MAX_STEPS, save_steps=4,
                              per_device_train_batch_size=4, learning_rate=1e-2,
                              lr_scheduler_type="constant", report_to="none", use_cpu=True,
                              ddp_backend="gloo", logging_steps=1, disable_tqdm=True, seed=0,
@@ -65,7 +77,7 @@ def train(out: Path, kind: str, callbacks) -> tuple[Trainer, dict]:
     trainer = Trainer(model=tiny_model(), args=args,
                       train_dataset=BlockDataset(token_blocks(80, seed=1)),
                       data_collator=collate, callbacks=callbacks)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return trainer, {"losses": losses, "final": gather_full(trainer.model)}
 
@@ -81,6 +93,8 @@ def main(out: Path, kind: str) -> None:
     t1 = time.perf_counter()
     _, plain = train(out / "plain", kind, [])
     t2 = time.perf_counter()
+    begin = BeginView()
+    _, resumed = train(out / "plain", kind, [begin], resume=out / "plain" / "checkpoint-4")
     rank = trainer.args.process_index
     record = dict(probe.record)
     record.update(world_size=trainer.args.world_size, kind=kind,
@@ -90,7 +104,14 @@ def main(out: Path, kind: str) -> None:
                   final_keys_equal=sorted(merged["final"]) == sorted(plain["final"]),
                   final_bitwise=all(torch.equal(merged["final"][k], plain["final"][k])
                                     for k in plain["final"]),
-                  fit_seconds=[t1 - t0, t2 - t1])
+                  fit_seconds=[t1 - t0, t2 - t1],
+                  resume_step=begin.step,
+                  resume_view_equal=sorted(begin.view) == sorted(probe.prev_local) and all(
+                      torch.equal(begin.view[k], probe.prev_local[k]) for k in begin.view),
+                  resume_losses_equal=resumed["losses"][-6:] == plain["losses"][4:],
+                  resume_losses=resumed["losses"],
+                  resume_final_bitwise=all(torch.equal(resumed["final"][k], plain["final"][k])
+                                           for k in plain["final"]))
     if rank == 0:
         probe.verify_on_rank_zero(tiny_model)
         record.update(probe.record)

@@ -76,8 +76,11 @@ def test_hf_trainer_deepspeed_shard_local_merge(tmp_path, kind):
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     ranks = _records(tmp_path)
-    _check(ranks, kind)
+    _check(ranks, kind)  # the probe ran in on_save, after DeepSpeed wrote checkpoints 4 and 8
     assert ranks[0]["is_deepspeed_enabled"] and ranks[0]["zero_stage"] == int(kind[-1])
+    for r in ranks:  # resumed from checkpoint-4: on_train_begin sees the step-4 view
+        assert r["resume_step"] == 4 and r["resume_view_equal"]
+        assert r["resume_losses_equal"] and r["resume_final_bitwise"]
 
 
 @pytest.mark.parametrize("kind", ["zero2", "zero3", "fsdp1", "fsdp1_flat"])
