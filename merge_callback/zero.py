@@ -56,6 +56,7 @@ __all__ = [
     "refresh_zero3",
     "place_piece",
     "read_pieces",
+    "gather_pieces_to_rank_zero",
 ]
 
 
@@ -189,6 +190,54 @@ def read_pieces(files: Iterable[str | os.PathLike],
         if covered[key] != full[key].numel():
             raise ValueError(f"the pieces of {key!r} cover {covered[key]} of "
                              f"{full[key].numel()} elements")
+    return {k: full[k] for k in order}
+
+
+def gather_pieces_to_rank_zero(tensors: Mapping[str, Tensor], layouts: Mapping[str, Any],
+                               keys: Iterable[str] | None = None) -> dict[str, Tensor] | None:
+    """Assemble full tensors on global rank zero from every rank's pieces (collective).
+
+    Each rank sends the pieces it owns (``layouts[key].owner``) as host tensors; rank zero places
+    them with :func:`place_piece`. Rank zero holds the whole model once (plus the pieces in
+    transit); the other ranks hold nothing extra. Use it for a rank-zero soup file instead of a
+    sharded soup folder.
+
+    Args:
+        tensors: this rank's pieces (e.g. a soup built from two local views).
+        layouts: key -> layout with ``owner`` and ``to_json()`` (:class:`FlatShardLayout`,
+            :class:`ReplicatedLayout`, or FSDP2's ``ShardLayout``).
+        keys: the keys to return, in order (default: ``tensors``' keys).
+
+    Returns:
+        key -> full tensor on rank zero; ``None`` on every other rank.
+
+    Raises:
+        ValueError: on rank zero, a key whose pieces do not cover it exactly once.
+    """
+    import torch.distributed as dist
+
+    mine = {k: (t.detach().cpu(), layouts[k].to_json()) for k, t in tensors.items()
+            if layouts[k].owner}
+    order = list(tensors) if keys is None else list(keys)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        parts = [mine]
+    else:
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        if dist.get_rank() != 0:
+            return None
+    full: dict[str, Tensor] = {}
+    covered: dict[str, int] = {}
+    for part in parts:
+        for key, (piece, spec) in part.items():
+            if key not in full:
+                full[key] = torch.empty(spec["shape"], dtype=piece.dtype)
+                covered[key] = 0
+            covered[key] += place_piece(full[key], piece, spec, key)
+    for key in order:
+        if covered.get(key) != (full[key].numel() if key in full else -1):
+            raise ValueError(f"the pieces of {key!r} cover {covered.get(key, 0)} of "
+                             f"{full[key].numel() if key in full else '?'} elements")
     return {k: full[k] for k in order}
 
 

@@ -49,6 +49,8 @@ def _check(ranks: list[dict], kind: str) -> None:
     assert zero["latest_logits_equal"] and zero["soup_logits_equal"]
     assert zero["value_soup"] == pytest.approx(zero["value_soup_plain"], rel=1e-12)
     assert zero["soup_keys_equal"] and zero["soup_file_bitwise"]
+    assert zero["gathered_bitwise"]  # the rank-zero gather of the soup pieces
+    assert [r["gathered_on_this_rank"] for r in ranks] == [True, False]
     assert zero["soup_differs_from_latest"]
 
 

@@ -1,8 +1,9 @@
 """Two-process Lightning run (gloo, CPU) under DeepSpeed ZeRO-2/3 or FSDP1; started by test_zero.py.
 
-Trains the same model twice in the same two processes: once with the shard-local merge probe
-(tests/zero_probe.py), once without, so the test can compare the final weights bitwise. Lightning
-re-executes this script for rank 1, so it must be a standalone file.
+Trains the same model twice in the same two processes, saving checkpoints every 4 steps: once
+with the shard-local merge probe (tests/zero_probe.py) running in ``on_save_checkpoint`` (where
+the merge callback runs its rounds), once without, so the test can compare the final weights
+bitwise. Lightning re-executes this script for rank 1, so it must be a standalone file.
 Usage: python zero_lightning_script.py OUT_DIR {zero2,zero3,fsdp1,fsdp1_flat}
 """
 
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 from lightning_helpers import loaders, module  # noqa: E402
 from merge_callback.lm import CausalLMModule  # noqa: E402
@@ -64,7 +65,7 @@ class ProbeCallback(Callback):
     def __init__(self, probe: Probe, kind: str):
         self.probe, self.kind = probe, kind
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         self.probe.step(target_of(trainer, pl_module, self.kind), trainer.global_step)
 
 
@@ -91,8 +92,10 @@ def fit(out: Path, kind: str, callbacks) -> tuple[L.Trainer, Recorder]:
     trainer = L.Trainer(default_root_dir=str(out), max_steps=MAX_STEPS, accelerator="cpu",
                         devices=2, strategy=strategy_for(kind), logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, num_sanity_val_steps=0,
-                        callbacks=[*callbacks, rec])
+                        num_sanity_val_steps=0,
+                        callbacks=[ModelCheckpoint(dirpath=str(out / "ckpt"),
+                                                   every_n_train_steps=4, save_top_k=-1),
+                                   *callbacks, rec])
     trainer.fit(pl_module, train)
     return trainer, rec
 

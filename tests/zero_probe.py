@@ -23,7 +23,8 @@ from merge_callback.engine import RoundResult
 from merge_callback.evaluate import HeldoutEvaluator, preserved_rng, resolve_metric
 from merge_callback.fsdp import BalancedHeldoutEvaluator, ShardedSnapshot, write_sharded_soup
 from merge_callback.merge import is_mergeable
-from merge_callback.zero import (ReplicatedLayout, evaluation_context, is_fsdp1, is_zero3,
+from merge_callback.zero import (ReplicatedLayout, evaluation_context,
+                                 gather_pieces_to_rank_zero, is_fsdp1, is_zero3,
                                  local_state_dict_any, read_pieces, sync_after_edit)
 
 LAMBDA = 0.3
@@ -145,8 +146,12 @@ class Probe:
         prev = ShardedSnapshot(dict(self.prev_local), self.first, self.layouts)
         latest = ShardedSnapshot(latest_local, self.second, layouts)
         folder = write_sharded_soup(self.soup_dir, "soup", prev, latest, result)
+        soup_local = {k: (torch.lerp(self.prev_local[k], t, LAMBDA) if is_mergeable(t) else t)
+                      for k, t in latest_local.items()}
+        gathered = gather_pieces_to_rank_zero(soup_local, layouts)
+        rec["gathered_on_this_rank"] = gathered is not None
         self.checks = dict(logits_latest=logits_latest, logits_soup=logits_soup,
-                           latest_full=latest_full, folder=folder)
+                           latest_full=latest_full, folder=folder, gathered=gathered)
 
     def verify_on_rank_zero(self, plain_factory: Callable[[], nn.Module]) -> None:
         """Compare with a plain single-process model (call on rank zero after training)."""
@@ -170,5 +175,7 @@ class Probe:
         rec["soup_keys_equal"] = sorted(read) == sorted(soup_full)
         rec["soup_file_bitwise"] = rec["soup_keys_equal"] and all(
             torch.equal(read[k], soup_full[k]) for k in soup_full)
+        rec["gathered_bitwise"] = sorted(c["gathered"]) == sorted(soup_full) and all(
+            torch.equal(c["gathered"][k], soup_full[k]) for k in soup_full)
         rec["soup_differs_from_latest"] = any(not torch.equal(soup_full[k], c["latest_full"][k])
                                               for k in soup_full)
