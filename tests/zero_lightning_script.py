@@ -4,7 +4,8 @@ Trains the same model twice in the same two processes, saving checkpoints every 
 with the shard-local merge probe (tests/zero_probe.py) running in ``on_save_checkpoint`` (where
 the merge callback runs its rounds), once without, so the test can compare the final weights
 bitwise. Lightning re-executes this script for rank 1, so it must be a standalone file.
-Usage: python zero_lightning_script.py OUT_DIR {zero2,zero3,fsdp1,fsdp1_flat}
+Usage: python zero_lightning_script.py OUT_DIR
+    {zero2,zero3,zero3_persist,fsdp1,fsdp1_flat,fsdp1_grad_op}
 """
 
 import json
@@ -48,11 +49,13 @@ def strategy_for(kind: str):
         return CPUDeepSpeedStrategy(config=zero_config(3, persistence_threshold=0))
     if kind == "zero3_persist":  # DeepSpeed's default threshold: the tiny model stays gathered
         return CPUDeepSpeedStrategy(config=zero_config(3, persistence_threshold=100_000))
-    if kind in ("fsdp1", "fsdp1_flat"):
+    if kind in ("fsdp1", "fsdp1_flat", "fsdp1_grad_op"):
         from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
 
         return CPUFSDPStrategy(auto_wrap_policy={GPTNeoXLayer},
-                               use_orig_params=kind == "fsdp1")
+                               use_orig_params=kind != "fsdp1_flat",
+                               sharding_strategy="SHARD_GRAD_OP" if kind == "fsdp1_grad_op"
+                               else "FULL_SHARD")
     raise ValueError(f"unknown kind {kind!r}")
 
 
