@@ -35,7 +35,6 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -176,7 +175,7 @@ def read_pieces(files: Iterable[str | os.PathLike],
     for name in files:
         with safe_open(str(name), framework="pt") as f:
             layout = json.loads(f.metadata()["layout"])
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 piece = f.get_tensor(key)
                 spec = layout[key]
                 if key not in full:

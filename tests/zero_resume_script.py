@@ -77,7 +77,7 @@ def fit(out: Path, kind: str, ckpt_path=None):
 def main(out: Path, kind: str) -> None:
     torch.set_num_threads(1)
     trainer, full, full_probe = fit(out / "full", kind)
-    ckpt5 = trainer.strategy.broadcast(str(sorted((out / "full" / "ckpt").glob("*step=5*"))[0]))
+    ckpt5 = trainer.strategy.broadcast(str(min((out / "full" / "ckpt").glob("*step=5*"))))
     _, resumed, probe = fit(out / "resumed", kind, ckpt_path=ckpt5)
     record = {
         "kind": kind, "checkpoint": Path(ckpt5).name, "is_dir": Path(ckpt5).is_dir(),
