@@ -14,13 +14,15 @@ from merge_callback.engine.options import ACQ_FUNCS
 from merge_callback.evaluate import BUILTIN_METRICS
 from merge_callback.nway import METHODS as WEIGHT_METHODS
 
-__all__ = ["PROG", "DEFAULT_MAX_BATCHES", "METHODS", "LM_METRICS", "CLIError", "positive_int",
-           "non_negative_int", "positive_float", "batches_or_all", "build_parser", "parse_args",
-           "config_dict", "dump_config"]
+__all__ = ["PROG", "DEFAULT_MAX_BATCHES", "DEFAULT_ALPHA", "METHODS", "LM_METRICS", "CLIError",
+           "positive_int", "non_negative_int", "positive_float", "batches_or_all", "build_parser",
+           "parse_args", "config_dict", "dump_config"]
 
 PROG = "merge-callback"
 #: held-out batches per file and candidate unless --max_batches says otherwise
 DEFAULT_MAX_BATCHES = 20
+#: lower bound of λ searched by ``merge`` (2 checkpoints) unless --alpha says otherwise
+DEFAULT_ALPHA = 0.5
 METHODS = tuple(sorted(WEIGHT_METHODS))  # listed alphabetically in --help and errors
 LM_METRICS = BUILTIN_METRICS
 _NOT_IN_CONFIG = ("command", "config", "print_config")
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", type=positive_int, default=10, metavar="N",
                    help="held-out evaluations for bayes/cmaes (with N checkpoints, the first N+1 "
                         "are each checkpoint and the uniform soup; with 2, λ = alpha and λ = 1)")
-    s.add_argument("--alpha", type=float, default=0.5,
+    s.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                    help="2 checkpoints with bayes: lower bound of λ, the later checkpoint's weight")
     s.add_argument("--acq_func", choices=ACQ_FUNCS, default="gp_hedge",
                    help="bayes acquisition function")

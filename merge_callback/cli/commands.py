@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from merge_callback.cli.args import PROG, CLIError, config_dict, dump_config, parse_args
+from merge_callback.cli.args import (DEFAULT_ALPHA, PROG, CLIError, config_dict, dump_config,
+                                     parse_args)
+from merge_callback.cli.plots import check_matplotlib, plot_heatmap, plot_sweep
 from merge_callback.cli.session import (CONFIG_FILE_KEYS, TOKENIZER_FILES, MergeSession,
                                         check_out_writable)
 from merge_callback.io import atomic_directory, json_safe, remove_stale_temporaries
@@ -72,14 +74,6 @@ def _common_record(session: MergeSession, ns: argparse.Namespace) -> dict[str, A
         "merge_callback_version": __version__,
         "config": config_dict(ns),
     }
-
-
-def _check_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise CLIError("plots need matplotlib: pip install matplotlib") from exc
-
 
 
 def _cmd_merge(ns: argparse.Namespace) -> dict[str, Any]:
@@ -278,7 +272,7 @@ def _cmd_sweep(ns: argparse.Namespace) -> dict[str, Any]:
                        f"{len(ns.checkpoints)}")
     if ns.points < 2:
         raise CLIError(f"--points must be >= 2, got {ns.points}")
-    _check_matplotlib()
+    check_matplotlib()
     session = MergeSession(ns, need_eval=True)
     try:
         lams = [i / (ns.points - 1) for i in range(ns.points)]
@@ -294,7 +288,10 @@ def _cmd_sweep(ns: argparse.Namespace) -> dict[str, Any]:
         _remove_debris(session, Path(ns.out))
         with atomic_directory(Path(ns.out)) as tmp:
             _write_csv(tmp / "sweep.csv", rows)
-            _plot_sweep(tmp / "sweep.png", session, rows)
+            plot_sweep(tmp / "sweep.png", rows, labels=session.labels,
+                       fitness_name=session.fitness_name,
+                       shard_names=[s.spec.name for s in session.shards],
+                       alpha=DEFAULT_ALPHA)
             (tmp / "sweep.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
             _readable_like_save_pretrained(tmp)
         print(f"{'λ':>8s}  {session.fitness_name}")
@@ -307,30 +304,6 @@ def _cmd_sweep(ns: argparse.Namespace) -> dict[str, Any]:
         session.close()
 
 
-def _plot_sweep(path: Path, session: MergeSession, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lams = [r["lam"] for r in rows]
-    ax.plot(lams, [r["value"] for r in rows], "o-", label=session.fitness_name)
-    if len(session.shards) > 1:
-        for s in session.shards:
-            ax.plot(lams, [r[f"heldout:{s.spec.name}"] for r in rows], ".--", alpha=0.6,
-                    label=s.spec.name)
-        ax.legend()
-    ax.set_xlabel(f"λ  (weight of {session.labels[1]}; 0 = {session.labels[0]})")
-    ax.set_ylabel(f"held-out {session.fitness_name}")
-    ax.set_title(f"λ·B + (1−λ)·A,  A = {session.labels[0]},  B = {session.labels[1]}",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _cmd_heatmap(ns: argparse.Namespace) -> dict[str, Any]:
     check_out_writable(ns)
     n = len(ns.checkpoints)
@@ -338,7 +311,7 @@ def _cmd_heatmap(ns: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"heatmap needs at least 2 checkpoints, got {n}")
     if not (0.0 <= ns.lam <= 1.0):
         raise CLIError(f"--lam must be in [0, 1], got {ns.lam}")
-    _check_matplotlib()
+    check_matplotlib()
     session = MergeSession(ns, need_eval=True)
     try:
         labels = session.labels
@@ -367,7 +340,9 @@ def _cmd_heatmap(ns: argparse.Namespace) -> dict[str, Any]:
         _remove_debris(session, Path(ns.out))
         with atomic_directory(Path(ns.out)) as tmp:
             _write_csv(tmp / "heatmap.csv", rows)
-            _plot_heatmap(tmp / "heatmap.png", session, rows, ns.lam)
+            plot_heatmap(tmp / "heatmap.png", rows, labels=session.labels,
+                         fitness_name=session.fitness_name,
+                         higher_is_better=session.higher_is_better, lam=ns.lam)
             (tmp / "heatmap.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
             _readable_like_save_pretrained(tmp)
         width = max(len(lab) for lab in labels)
@@ -386,34 +361,6 @@ def _cmd_heatmap(ns: argparse.Namespace) -> dict[str, Any]:
         return record
     finally:
         session.close()
-
-
-def _plot_heatmap(path: Path, session: MergeSession, rows, lam: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    n = len(session.labels)
-    grid = np.full((n, n), np.nan)
-    for r in rows:
-        grid[r["i"], r["j"]] = r["value"]
-    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 2))
-    cmap = "viridis" if session.higher_is_better else "viridis_r"
-    im = ax.imshow(grid, cmap=cmap)
-    for r in rows:
-        red, green, blue, _ = im.cmap(im.norm(r["value"]))
-        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
-        ax.text(r["j"], r["i"], f"{r['value']:.4f}", ha="center", va="center", fontsize=8,
-                color="white" if dark else "black")
-    ax.set_xticks(range(n), session.labels, rotation=45, ha="right")
-    ax.set_yticks(range(n), session.labels)
-    ax.set_title(f"held-out {session.fitness_name}: {1 - lam:g}·row + {lam:g}·column")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 _COMMANDS = {"merge": _cmd_merge, "sweep": _cmd_sweep, "heatmap": _cmd_heatmap}
