@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from merge_callback import cli  # noqa: E402
 from merge_callback.cli import CLIError, MergeSession, config_dict, dump_config, parse_args, run  # noqa: E402
+from merge_callback.cli.plots import plot_heatmap, plot_sweep  # noqa: E402
 from merge_callback.data import tiny_gpt_neox, tokenize_and_pack, train_tokenizer  # noqa: E402
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric  # noqa: E402
 from merge_callback.io import load_state_dict  # noqa: E402
@@ -541,6 +542,7 @@ def test_heatmap_writes_all_pairs(ws, capsys):
                "--out", str(out), *EVAL])
     assert "checkpoint-300" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["heatmap.csv", "heatmap.json", "heatmap.png"]
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = {(p["i"], p["j"]): p for p in rec["pairs"]}
     assert sorted(pairs) == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
     for (i, j), p in pairs.items():
@@ -548,6 +550,43 @@ def test_heatmap_writes_all_pairs(ws, capsys):
         assert p["gain_vs_best_parent"] == best_parent - p["value"]
     assert pairs[(1, 1)]["value"] == _loss(AutoModelForCausalLM.from_pretrained(ws["hf"][1]), ws)
     assert len((out / "heatmap.csv").read_text().splitlines()) == 7
+
+
+def test_sweep_plot_marks_alpha_and_names_the_metric(tmp_path):
+    rows = [{"lam": lam, "value": 3.0 - lam, "heldout:wiki": 3.0 - 2 * lam,
+             "heldout:piqa": 0.5 + lam / 4} for lam in (0.0, 0.5, 1.0)]
+    fig = plot_sweep(tmp_path / "sweep.png", rows, labels=["ckpt-1", "ckpt-2"],
+                     fitness_name="signed_weighted_mean", shard_names=["wiki", "piqa"], alpha=0.3)
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    marker = "α = 0.3 (lower bound of the λ search)"
+    assert list(lines) == ["signed_weighted_mean", "wiki", "piqa", marker]
+    assert list(lines[marker].get_xdata()) == [0.3, 0.3]
+    assert lines[marker].get_linestyle() == ":"
+    assert list(lines["wiki"].get_ydata()) == [3.0, 2.0, 1.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(lines)
+    assert ax.get_ylabel() == "held-out signed_weighted_mean"
+    assert ax.get_xlabel() == "λ  (weight of ckpt-2; 0 = ckpt-1)"
+
+    fig = plot_sweep(tmp_path / "plain.png", rows, labels=["a", "b"], fitness_name="loss",
+                     shard_names=["wiki"])
+    (ax,) = fig.axes
+    assert [line.get_label() for line in ax.get_lines()] == ["loss"]
+
+
+def test_heatmap_plot_labels_the_colour_bar_and_the_diagonal(tmp_path):
+    rows = [{"i": 0, "j": 0, "value": 3.0}, {"i": 1, "j": 1, "value": 2.5},
+            {"i": 0, "j": 1, "value": 2.0}]
+    fig = plot_heatmap(tmp_path / "heatmap.png", rows, labels=["c-100", "c-200"],
+                       fitness_name="loss", higher_is_better=False, lam=0.25)
+    assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax, colour_bar = fig.axes
+    assert ax.get_title() == "held-out loss: 0.75·row + 0.25·column\ndiagonal: single checkpoints"
+    assert colour_bar.get_ylabel() == "held-out loss"
+    assert [t.get_text() for t in ax.texts] == ["3.0000", "2.5000", "2.0000"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["c-100", "c-200"]
+    assert ax.get_images()[0].get_cmap().name == "viridis_r"   # lower loss is brighter
 
 
 # --------------------------------------------------------------------------- bad input
