@@ -373,14 +373,16 @@ def read_yaml_mapping(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         ``(values, lines)``: the mapping and the 1-based line of each top-level key.
 
     Raises:
-        RecipeError: the file is missing, a folder, not UTF-8, not valid YAML, has a duplicate key,
-            or does not hold a mapping.
+        FileNotFoundError: the file is missing.
+        RecipeError: the file is a folder, not UTF-8, not valid YAML, has a duplicate key, or does
+            not hold a mapping.
     """
     import yaml
 
     p = Path(path)
     if not p.exists():
-        raise RecipeError(f"config file not found: {p}")
+        raise FileNotFoundError(f"config file not found: {p}; expected a YAML file (see "
+                                "recipes/configs/)")
     if not p.is_file():
         raise RecipeError(f"config {p} is a folder; expected a YAML file (see recipes/configs/)")
     try:
@@ -397,7 +399,10 @@ def read_yaml_mapping(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = " ".join(x for x in (e.context, e.problem) if x)
+        what = e.problem or e.context or "not valid YAML"
+        if e.context and e.problem:
+            cm = e.context_mark
+            what += f" ({e.context}" + (f" that starts on line {cm.line + 1})" if cm else ")")
         raise RecipeError(f"config {p}{where}: invalid YAML: {what}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"config {p}: invalid YAML: {e}") from None
@@ -425,9 +430,10 @@ def load_config(path: str | os.PathLike | None = None,
             (``"1e-3"`` for a float, ``"null"`` for an optional value, ``"true"`` for a flag).
 
     Raises:
-        RecipeError (a ValueError): a missing file, invalid YAML or a duplicate key (with its
-            line), an unknown key (the message lists the valid ones), a file that is not a YAML
-            mapping, or an invalid value (with the file and line it came from).
+        FileNotFoundError: ``path`` does not exist.
+        RecipeError (a ValueError): invalid YAML or a duplicate key (with its line), an
+            unknown key (the message lists the valid ones), a file that is not a YAML mapping, or
+            an invalid value (with the file and line it came from).
     """
     values: dict[str, Any] = {}
     lines: dict[str, int] = {}
@@ -445,7 +451,8 @@ def load_config(path: str | os.PathLike | None = None,
         for k in mapping:
             if k in hints:
                 continue
-            at = f"line {lines[k]} of {origin}" if origin == source and k in lines else origin
+            at = (f"line {lines[str(k)]} of {origin}" if origin == source and str(k) in lines
+                  else origin)
             hint = _OBSOLETE_KEYS.get(k) if isinstance(k, str) else None
             close = difflib.get_close_matches(str(k), valid, n=1)
             tail = (f" ({hint})" if hint else f" (did you mean {close[0]!r}?)" if close else "")
