@@ -6,7 +6,7 @@ text files (or a ``datasets`` dataset), trains it with PyTorch Lightning while
 :class:`~merge_callback.lightning.BayesMergeCallback` merges every new checkpoint with the previous
 one, and writes into the run folder:
 
-- ``checkpoints/step=N.ckpt``: the training checkpoints;
+- ``checkpoints/step=N.ckpt``: the newest training checkpoints (``keep_checkpoints``);
 - ``soups/soup-step=N.safetensors`` (+ ``.json``): the soups and their λ;
 - ``final_soup/``: the last round's soup as a Hugging Face folder (model + tokenizer);
 - ``report.md`` with ``lambda.png``, ``heldout.png`` and ``curve.png``; ``rounds.json``;
@@ -15,6 +15,10 @@ one, and writes into the run folder:
 With ``model: scratch`` a small Pythia-architecture GPT-NeoX is first pretrained from scratch on the
 training text and saved with ``save_pretrained`` to ``base_model/``; the continued pretraining then
 loads it from that folder exactly as it would load a hub model.
+
+Every input is checked (config, paths, a writable ``output_dir``), the data read and the model
+loaded before anything is written; bad input ends as ``merge-callback-recipe: error: ...`` with
+exit code 2. A folder that already holds a run needs ``--resume`` or ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -50,9 +54,10 @@ from merge_callback.engine import Snapshot, check_positive_int
 from merge_callback.evaluate import HeldoutEvaluator
 from merge_callback.lightning import BayesMergeCallback
 
-__all__ = ["RecipeConfig", "RecipeData", "load_config", "load_model_and_tokenizer",
-           "load_texts", "prepare_data", "pretrain_base_model", "OutOfDomainCallback",
-           "export_soup", "write_report", "dump_config", "run", "main", "BUILTIN_DATA"]
+__all__ = ["RecipeConfig", "RecipeData", "RecipeError", "load_config", "read_yaml_mapping",
+           "load_model_and_tokenizer", "load_texts", "prepare_data", "pretrain_base_model",
+           "OutOfDomainCallback", "StepProgressBar", "export_soup", "write_report", "dump_config",
+           "run", "main", "BUILTIN_DATA", "RUN_OUTPUTS", "RESUME_MAY_CHANGE"]
 
 BUILTIN_DATA = ("builtin:shakespeare-train", "builtin:shakespeare-heldout",
                 "builtin:python-stdlib")
