@@ -847,6 +847,13 @@ class StepProgressBar(TQDMProgressBar):
         description: the bar's label, e.g. ``"training"``.
         refresh_rate: redraw every this many steps; ``None``: every step on a terminal, every
             5 % of the run otherwise (a log file gets 20 lines, not one per step).
+
+    Raises:
+        ValueError: ``refresh_rate`` is not a positive integer or None.
+
+    Example::
+
+        trainer = L.Trainer(max_steps=800, callbacks=[StepProgressBar("training")])
     """
 
     def __init__(self, description: str = "training", refresh_rate: int | None = None):

@@ -442,8 +442,11 @@ def test_the_command_twice_into_one_folder_then_resume_and_overwrite(tmp_path, c
     assert re.search(r"error: --resume: the config differs from .*config.yaml in lr \(0.003 in the "
                      r"run, 0.001 now\); only max_steps, ", capsys.readouterr().err)
     assert _snapshot(run_dir) == tree
-    assert recipe.main(argv + ["--resume", "--max_steps", "30"]) == 0
-    assert "continued pretraining from step 20: 30 steps" in capsys.readouterr().out
+    assert recipe.main(args + ["--resume", "--max_steps", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "continued pretraining from step 20: 30 steps" in out
+    assert re.search(r"training:  67%\|.*\| 20/30 steps", out)  # the bar starts at the resume
+    assert re.search(r"training: 100%\|.*\| 30/30 steps", out) and " 0/30 steps" not in out
     rounds = json.loads((run_dir / "rounds.json").read_text())["rounds"]
     assert [r["step"] for r in rounds] == [20, 30]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
