@@ -3,6 +3,12 @@
 Soups are written to a temporary name in the destination folder, flushed to disk and moved into
 place with ``os.replace``, so a reader sees either the previous file or the complete new one, never a
 partial file. Training checkpoints are only ever opened for reading.
+
+Temporary names carry the writer's process id: ``.<name>.tmp-<pid>`` (files),
+``.<name>.tmp-<pid>-<random>`` (folders) and ``.<name>.old-<pid>`` (a folder being replaced). A
+write killed half-way (``SIGKILL``, power loss) leaves such a name behind;
+:func:`remove_stale_temporaries` removes those whose process is no longer alive, and puts a
+replaced folder back when its replacement never arrived.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -27,7 +34,15 @@ __all__ = [
     "load_state_dict",
     "lightning_state_dict",
     "json_safe",
+    "TEMPORARY_NAME",
+    "temporary_owner",
+    "remove_stale_temporaries",
+    "detect_key_prefix",
 ]
+
+#: temporaries this package creates: ``.<name>.tmp-<pid>[-<random>]`` and ``.<name>.old-<pid>``
+TEMPORARY_NAME = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)(?:-[A-Za-z0-9_]+)?$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -45,6 +60,79 @@ def _fsync_dir(path: Path) -> None:
 
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def temporary_owner(name: str) -> int | None:
+    """The process id in a temporary name this package creates, or ``None`` for any other name.
+
+    Example:
+        >>> temporary_owner(".soup-step=100.safetensors.tmp-4242")
+        4242
+        >>> temporary_owner("soup-step=100.safetensors") is None
+        True
+    """
+    m = TEMPORARY_NAME.match(name)
+    return int(m.group("pid")) if m else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove what killed writes left in ``directory``; return the paths removed (or restored).
+
+    Only names this package creates are touched (:data:`TEMPORARY_NAME`), and only when the process
+    id in the name is not a running process on this machine, so a write in progress (this process
+    or another) is left alone. A folder moved aside for replacement (``.<name>.old-<pid>``) whose
+    replacement never arrived (``<name>`` is missing) is moved back to ``<name>``, not removed.
+    A missing ``directory`` is not an error (nothing to clean).
+
+    Args:
+        directory: the folder soups (or other outputs) are written to.
+
+    Returns:
+        the temporary paths that were removed or moved back, sorted.
+
+    Raises:
+        OSError: a stale temporary exists but cannot be removed (e.g. no permission).
+    """
+    d = Path(directory)
+    try:
+        entries = list(os.scandir(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    done: list[Path] = []
+    # restore replaced folders first, then drop the rest
+    for e in sorted(entries, key=lambda e: TEMPORARY_NAME.match(e.name) is None
+                    or TEMPORARY_NAME.match(e.name).group("kind") != "old"):
+        m = TEMPORARY_NAME.match(e.name)
+        if m is None or _pid_alive(int(m.group("pid"))):
+            continue
+        path = d / e.name
+        final = d / m.group("name")
+        if m.group("kind") == "old" and not os.path.lexists(final):
+            os.replace(path, final)
+        elif e.is_dir(follow_symlinks=False):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        done.append(path)
+    if done:
+        _fsync_dir(d)
+    return sorted(done)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -138,7 +226,8 @@ class atomic_directory:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-",
+                                         dir=self.path.parent))
         # mkdtemp makes the folder private (0700); publish it like a folder made by mkdir
         umask = os.umask(0)
         os.umask(umask)
@@ -159,6 +248,33 @@ class atomic_directory:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def detect_key_prefix(keys, module_keys) -> str:
+    """The prefix to remove from checkpoint tensor names to reach a module's names.
+
+    A LightningModule saves its network's tensors as ``"<attribute>." + name`` (e.g. ``model.``).
+    The prefix is the first name's first component plus ``"."`` when every checkpoint name starts
+    with it and no module name does; otherwise ``""``.
+
+    Args:
+        keys: the checkpoint's tensor names.
+        module_keys: the target module's ``state_dict()`` names.
+
+    Example:
+        >>> detect_key_prefix(["model.lm_head.weight", "model.embed.weight"], ["lm_head.weight"])
+        'model.'
+        >>> detect_key_prefix(["lm_head.weight"], ["lm_head.weight"])
+        ''
+    """
+    keys = list(keys)
+    first = keys[0] if keys else ""
+    if "." not in first:
+        return ""
+    cand = first.split(".", 1)[0] + "."
+    if all(k.startswith(cand) for k in keys) and not any(k.startswith(cand) for k in module_keys):
+        return cand
+    return ""
 
 
 def lightning_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
