@@ -1328,28 +1328,29 @@ def _first_existing(path: Path) -> Path:
     return anc
 
 
-def _check_writable_folder(key: str, path: Path) -> None:
-    """``path`` is a folder, or can be created: no file in the way and its nearest existing
-    ancestor accepts new entries (tried with a temporary folder, removed at once)."""
+def _check_writable_folder(key: str, path: Path, need_bytes: int | None = None) -> None:
+    """``path`` is a folder or can be created, its nearest existing folder accepts new entries,
+    and (with ``need_bytes``) its file system has that much room.
+
+    :func:`merge_callback.preflight.check_output_dir` checks the path, the permissions and the
+    space; a temporary folder, removed at once, then proves the write (``os.access`` says yes to
+    root and on some read-only mounts).
+    """
     import tempfile
 
-    p = path.absolute()
-    if p.exists() and not p.is_dir():
-        raise RecipeError(f"{key} {path} is a file; expected a folder (created if missing)")
-    anc = _first_existing(p)
-    if not anc.is_dir():
-        raise RecipeError(f"{key} {path} cannot be created: {anc} is a file, not a folder")
-    reason = None
-    if not os.access(anc, os.W_OK | os.X_OK):
-        reason = "permission denied"
-    else:
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".merge-callback-write-test-", dir=anc))
-        except OSError as e:
-            reason = e.strerror or type(e).__name__
-    if reason is not None:
-        raise RecipeError(f"{key} {path} cannot be written: {anc} is not writable ({reason}); "
-                          "choose a folder you can write to")
+    from merge_callback.preflight import check_output_dir
+
+    try:
+        check_output_dir(path, need_bytes, name=key)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    anc = _first_existing(path.absolute())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".merge-callback-write-test-", dir=anc))
+    except OSError as e:
+        raise RecipeError(f"{key} {path} is not writable: {anc} refuses new entries "
+                          f"({e.strerror or type(e).__name__}); choose a folder you can write "
+                          "to") from None
 
 
 def _check_not_below_file(key: str, value: str | None) -> None:
@@ -1501,10 +1502,15 @@ def _prepare(config: RecipeConfig, *, resume: bool = False, overwrite: bool = Fa
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RecipeError(f"model: cannot load {path!r}" + (f" at revision {revision!r}"
                               if revision else "") + f": {first}") from None
-        max_len = getattr(plan.model.config, "max_position_embeddings", None)
+        from merge_callback.preflight import model_limits
+
+        _, max_len = model_limits(plan.model)
         if max_len is not None and config.block_size > max_len:
             raise RecipeError(f"block_size must be <= the context length of {path} ({max_len}), "
                               f"got {config.block_size}")
+        # room for one more checkpoint (fp32 weights and two AdamW moments) and one soup
+        n_params = sum(p.numel() for p in plan.model.parameters())
+        _check_writable_folder("output_dir", run_dir, need_bytes=16 * n_params)
         plan.model_path, plan.revision = path, revision
     plan.data = prepare_data(config, plan.tokenizer, plan.train_texts)
     s = plan.data.summary()

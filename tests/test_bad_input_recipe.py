@@ -176,11 +176,14 @@ CASES = {
     "train_data_missing": r"train_data: .*missing.txt does not exist; expected a .txt/.jsonl file "
                           r"or a folder of them",
     "output_dir_below_file": r"output_dir .*afile/run cannot be created: .*afile is a file, not a "
-                             r"folder$",
-    "output_dir_is_file": r"output_dir .*afile is a file; expected a folder \(created if "
-                          r"missing\)$",
-    "output_dir_unwritable": r"output_dir .*/run cannot be written: .* is not writable \(.+\); "
-                             r"choose a folder you can write to$",
+                             r"folder; choose a folder path$",
+    "output_dir_is_file": r"output_dir .*afile exists and is not a folder; choose a folder path$",
+    "output_dir_unwritable": (r"output_dir .*/run is not writable: no permission to create files "
+                              r"in its parent .*locked; choose a folder you can write to$"
+                              if os.geteuid() != 0 else
+                              r"output_dir /sys/merge-callback-test/run is not writable: /sys "
+                              r"refuses new entries \(Operation not permitted\); choose a folder "
+                              r"you can write to$"),
     "hf_cache_below_file": r"hf_cache_dir .*afile/cache is below a file \(.*afile\); expected a "
                            r"folder$",
     "block_size_over_context": r"block_size must be <= the context length of .*tiny-model \(32\), "
