@@ -1706,8 +1706,10 @@ def _execute(plan: _Plan) -> Path:
         sign = 1.0 if config.merge_metric == "accuracy" else -1.0
         wins = sum(1 for r in rounds if sign * (r["value_soup"] - r["value_latest"]) > 0)
         lams = [r["lambda"] for r in rounds]
-        _say(f"  {len(rounds)} merge round{'s' * (len(rounds) > 1)}: λ {min(lams):.2f}–{max(lams):.2f}; the soup beat the "
-             f"latest checkpoint on held-out {config.merge_metric} in {wins} of {len(rounds)}")
+        plural = "s" if len(rounds) > 1 else ""
+        _say(f"  {len(rounds)} merge round{plural}: λ {min(lams):.2f}–{max(lams):.2f}; the soup "
+             f"beat the latest checkpoint on held-out {config.merge_metric} in {wins} of "
+             f"{len(rounds)}")
     _say(f"  report: {run_dir / 'report.md'}")
     if (run_dir / "final_soup").is_dir():
         _say(f"  final soup: {run_dir / 'final_soup'} (AutoModelForCausalLM.from_pretrained)")
