@@ -377,7 +377,20 @@ def test_run_keeps_the_newest_checkpoints_and_runs_without_ood_or_export(tmp_pat
     config = dataclasses.replace(_tiny_run_config(tmp_path), keep_checkpoints=2, ood_data=None,
                                  export_final_soup=False, logger="none", scratch_steps=5,
                                  max_steps=20, checkpoint_every=5, keep_soups=1)
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    def global_state():
+        # (DeepSpeed sets its own logger's level when transformers first imports it)
+        return ([logging.getLogger(n).level for n in ("lightning.pytorch", "lightning.fabric")],
+                [list(logging.getLogger(n).filters) for n in ("DeepSpeed",)],
+                list(warnings.filters), hf_logging.is_progress_bar_enabled())
+
+    before = global_state()
     run_dir = recipe.run(config)
+    assert global_state() == before  # the recipe's silencing is scoped to its own calls
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == [
         "step=15.ckpt", "step=20.ckpt"]
     assert sorted(p.name for p in (run_dir / "soups").iterdir()) == [
