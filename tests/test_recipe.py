@@ -388,7 +388,7 @@ def test_run_keeps_the_newest_checkpoints_and_runs_without_ood_or_export(tmp_pat
                 [list(logging.getLogger(n).filters) for n in ("DeepSpeed",)],
                 list(warnings.filters), hf_logging.is_progress_bar_enabled())
 
-    try:  # accelerate adds a warning filter when it is first imported (by transformers, if installed)
+    try:  # accelerate adds a warning filter when first imported (by transformers, if installed)
         import accelerate.scheduler  # noqa: F401
     except ImportError:
         pass
