@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -282,7 +283,7 @@ def test_ood_callback_keeps_training_bitwise_and_scores_the_written_soup(tmp_pat
 
 # ----------------------------------------------------------------------------- end to end
 
-def _tiny_run_config(tmp_path) -> RecipeConfig:
+def _tiny_overrides(tmp_path) -> dict[str, str]:
     from conftest import TINY_TEXT
 
     from merge_callback.data import stdlib_text
@@ -291,14 +292,24 @@ def _tiny_run_config(tmp_path) -> RecipeConfig:
     train.write_text(stdlib_text(120_000))
     ood = tmp_path / "ood.txt"
     ood.write_text(TINY_TEXT * 30)
-    return load_config(None, {
+    return {
         "train_data": str(train), "heldout_data": "null", "heldout_fraction": "0.1",
         "ood_data": str(ood), "scratch_vocab_size": "300", "scratch_hidden_size": "32",
         "scratch_num_layers": "2", "scratch_steps": "20", "scratch_warmup_steps": "5",
         "block_size": "32", "batch_size": "8", "max_steps": "40", "checkpoint_every": "10",
         "lr": "3e-3", "merge_budget": "4", "eval_batch_size": "16", "merge_max_batches": "2",
         "ood_max_batches": "2", "num_threads": "1", "logger": "csv", "progress_bar": "false",
-        "output_dir": str(tmp_path / "run")})
+        "output_dir": str(tmp_path / "run")}
+
+
+def _tiny_run_config(tmp_path) -> RecipeConfig:
+    # every checkpoint is kept here (the default keeps 2) so that all four can be checked
+    return load_config(None, {**_tiny_overrides(tmp_path), "keep_checkpoints": "null"})
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_end_to_end_run_writes_checkpoints_soups_final_soup_and_report(tmp_path):
@@ -348,22 +359,46 @@ def test_end_to_end_run_writes_checkpoints_soups_final_soup_and_report(tmp_path)
     metrics = (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     assert {"train_loss", "merge/lambda", "merge/ood_soup"} <= set(metrics[0].split(","))
 
-    # running again resumes from the last checkpoint: nothing is retrained, the rounds are kept
+    # running again into the finished folder is refused before anything is written; with
+    # resume=True nothing is retrained or rewritten (the run is finished), the rounds are kept
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
-    recipe.run(config)
+    tree = _snapshot(run_dir)
+    with pytest.raises(recipe.RecipeError, match=r"already holds a finished run \(checkpoints up "
+                                                 r"to step 40, report.md\); pass --resume"):
+        recipe.run(config)
+    recipe.run(config, resume=True)
     assert json.loads((run_dir / "rounds.json").read_text())["rounds"] == rounds
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
-    assert "reused" in (run_dir / "report.md").read_text()
+    assert _snapshot(run_dir) == tree
     assert (run_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines() == metrics
 
 
 def test_run_keeps_the_newest_checkpoints_and_runs_without_ood_or_export(tmp_path):
     config = dataclasses.replace(_tiny_run_config(tmp_path), keep_checkpoints=2, ood_data=None,
                                  export_final_soup=False, logger="none", scratch_steps=5,
-                                 max_steps=20, checkpoint_every=5)
+                                 max_steps=20, checkpoint_every=5, keep_soups=1)
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    def global_state():
+        # (DeepSpeed sets its own logger's level when transformers first imports it)
+        return ([logging.getLogger(n).level for n in ("lightning.pytorch", "lightning.fabric")],
+                [list(logging.getLogger(n).filters) for n in ("DeepSpeed",)],
+                list(warnings.filters), hf_logging.is_progress_bar_enabled())
+
+    try:  # accelerate adds a warning filter when first imported (by transformers, if installed)
+        import accelerate.scheduler  # noqa: F401
+    except ImportError:
+        pass
+    before = global_state()
     run_dir = recipe.run(config)
+    assert global_state() == before  # the recipe's silencing is scoped to its own calls
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == [
         "step=15.ckpt", "step=20.ckpt"]
+    assert sorted(p.name for p in (run_dir / "soups").iterdir()) == [
+        "soup-step=10.json", "soup-step=15.json", "soup-step=20.json", "soup-step=20.safetensors"]
     rounds = json.loads((run_dir / "rounds.json").read_text())["rounds"]
     assert [r["step"] for r in rounds] == [10, 15, 20]
     assert not any("ood_latest" in r for r in rounds)
@@ -373,6 +408,79 @@ def test_run_keeps_the_newest_checkpoints_and_runs_without_ood_or_export(tmp_pat
 
 
 # ----------------------------------------------------------------------------- command line
+
+def _cli(args, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "merge_callback.recipe", *args],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+
+
+def test_the_command_twice_into_one_folder_then_resume_and_overwrite(tmp_path, capsys):
+    from merge_callback.io import load_state_dict as load_ckpt
+
+    over = {**_tiny_overrides(tmp_path), "max_steps": "20", "progress_bar": "true"}
+    run_dir = Path(over["output_dir"])
+    args = [a for k, v in over.items() for a in (f"--{k}", v)]
+    first = _cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr
+    out = first.stdout
+    assert "[1/2] pretraining the base model from scratch: 20 steps at lr 0.003" in out
+    assert "[2/2] continued pretraining: 20 steps at lr 0.003 (constant), a checkpoint and a " \
+           "merge round every 10 steps" in out
+    assert re.search(r"pretraining: 100%\|.*\| 20/20 steps \[", out)
+    assert re.search(r"training: 100%\|.*\| 20/20 steps \[", out)
+    assert re.search(r"  step 20: λ = \d\.\d{3}, held-out loss latest \d\.\d{4}, soup \d\.\d{4}; "
+                     r"out-of-domain latest", out)
+    for noise in ("Epoch 0/", "litlogger", "LeafSpec", "GPU available", "TPU available",
+                  "anonymous", "Running in WANDB offline mode", "`Trainer.fit` stopped",
+                  "Writing model shards", "Loading weights", "wandb:"):
+        assert noise not in out + first.stderr, noise
+    held = re.search(r"holds [\d.]+ MB \(([\d,]+) bytes\): checkpoints/ ", out)
+    assert held and int(held.group(1).replace(",", "")) == sum(
+        p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+    assert "1 merge round: λ " in out and f"report: {run_dir / 'report.md'}" in out
+
+    tree = _snapshot(run_dir)
+    second = _cli(args, tmp_path)
+    assert second.returncode == 2
+    assert second.stderr == (
+        f"merge-callback-recipe: error: output_dir {run_dir} already holds a finished run "
+        "(checkpoints up to step 20, report.md); pass --resume with a larger --max_steps to train "
+        "it further, --overwrite to delete its outputs and start again, or choose another "
+        "--output_dir\n")
+    assert _snapshot(run_dir) == tree
+
+    # --resume with the same config: nothing to do; with another lr: refused; more steps: continues
+    argv = args + ["--progress_bar", "false"]
+    assert recipe.main(argv + ["--resume"]) == 0
+    assert "already holds a finished run (step 20 of 20" in capsys.readouterr().out
+    assert recipe.main(argv + ["--resume", "--lr", "1e-3"]) == 2
+    assert re.search(r"error: --resume: the config differs from .*config.yaml in lr \(0.003 in the "
+                     r"run, 0.001 now\); only max_steps, ", capsys.readouterr().err)
+    assert _snapshot(run_dir) == tree
+    assert recipe.main(args + ["--resume", "--max_steps", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "continued pretraining from step 20: 30 steps" in out
+    assert re.search(r"training:  67%\|.*\| 20/30 steps", out)  # the bar starts at the resume
+    assert re.search(r"training: 100%\|.*\| 30/30 steps", out) and " 0/30 steps" not in out
+    rounds = json.loads((run_dir / "rounds.json").read_text())["rounds"]
+    assert [r["step"] for r in rounds] == [20, 30]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step=20.ckpt", "step=30.ckpt"]  # keep_checkpoints: 2 (the default) across the resume
+    assert load_ckpt(run_dir / "checkpoints" / "step=20.ckpt").keys() == \
+        load_ckpt(run_dir / "checkpoints" / "step=30.ckpt").keys()
+
+    # --overwrite deletes the recipe's outputs only and runs again
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "soups" / "soup-step=999.json").write_text("{}")
+    assert recipe.main(argv + ["--overwrite"]) == 0
+    assert "--overwrite: deleted config.yaml, base_model, checkpoints, soups" in \
+        capsys.readouterr().out
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert not (run_dir / "soups" / "soup-step=999.json").exists()
+    assert [r["step"] for r in json.loads((run_dir / "rounds.json").read_text())["rounds"]] == [20]
+
 
 def test_cli_prints_config_and_reports_bad_values(capsys):
     assert recipe.main(["--config", str(ROOT / "recipes/configs/pythia-70m.yaml"),
