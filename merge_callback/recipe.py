@@ -51,6 +51,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from merge_callback.engine import Snapshot, check_positive_int
+from merge_callback.engine.options import ACQ_FUNCS, METRICS, STRATEGIES
 from merge_callback.evaluate import HeldoutEvaluator
 from merge_callback.lightning import BayesMergeCallback
 
@@ -67,9 +68,6 @@ those two plays, and Python standard-library source code."""
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 SCHEDULES = ("constant", "wsd", "cosine")
-METRICS = ("loss", "perplexity", "accuracy")
-STRATEGIES = ("bayes", "grid", "random", "greedy")
-ACQ_FUNCS = ("gp_hedge", "EI", "PI", "LCB")
 LOGGERS = ("auto", "csv", "wandb", "none")
 WANDB_MODES = ("auto", "offline", "online")
 
