@@ -44,4 +44,4 @@ RUN python -c "from merge_callback.data import shakespeare_texts; print(len(shak
 
 VOLUME ["/outputs"]
 ENTRYPOINT ["python", "/app/recipes/pythia_continued_pretraining.py"]
-CMD ["--config", "/app/recipes/configs/tiny-offline.yaml", "--output_dir", "/outputs/tiny-offline"]
+CMD ["--config", "/app/recipes/configs/tiny-offline.yaml", "--output_dir", "/outputs/tiny-offline", "--resume"]
