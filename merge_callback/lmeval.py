@@ -176,10 +176,12 @@ class LmEvalMetric:
             hint = (f" ({groups} are groups or tags: list their tasks instead)" if groups else
                     f"; local tasks: {[t for t in tm.all_subtasks if not _is_builtin(tm, t)][:20]}")
             raise ValueError(f"unknown lm-eval task(s) {unknown}{hint}")
-        from lm_eval.tasks import get_task_dict
+        if hasattr(tm, "load"):
+            tasks = tm.load(self.tasks)["tasks"]
+        else:  # lm-eval before TaskManager.load
+            from lm_eval.tasks import get_task_dict
 
-        loaded = get_task_dict(self.tasks, tm)
-        tasks = loaded.get("tasks", loaded)
+            tasks = get_task_dict(self.tasks, tm)
         if self.num_fewshot is not None:
             for t in tasks.values():
                 t.set_config(key="num_fewshot", value=self.num_fewshot)
@@ -387,17 +389,18 @@ def next_line_examples(text: str, n: int, *, choices: int = 4, seed: int = 0,
     triples = [(b, i) for b, lines in enumerate(blocks) for i in range(len(lines) - 2)
                if all(usable(x) for x in lines[i:i + 3])]
     pool = [(b, ln) for b, lines in enumerate(blocks) for ln in lines if usable(ln)]
-    if len(triples) < n or len(pool) < 10 * choices:
+    if len(triples) < n:
         raise ValueError(f"the text gives {len(triples)} usable line triples, {n} needed")
     out = []
     for b, i in rng.sample(triples, n):
         lines = blocks[b]
         answer = lines[i + 2]
-        wrong: list[str] = []
-        while len(wrong) < choices - 1:
-            ob, line = rng.choice(pool)
-            if ob != b and line != answer and line not in wrong:
-                wrong.append(line)
+        others = sorted({line for ob, line in pool if ob != b and line != answer})
+        if len(others) < choices - 1:
+            raise ValueError(f"the text has {len(others)} distinct usable lines outside block "
+                             f"{b}, {choices - 1} wrong choices needed (separate blocks by a "
+                             "blank line)")
+        wrong = rng.sample(others, choices - 1)
         label = rng.randrange(choices)
         opts = wrong[:label] + [answer] + wrong[label:]
         out.append({"context": lines[i] + "\n" + lines[i + 1], "choices": opts, "label": label})
