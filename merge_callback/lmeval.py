@@ -8,8 +8,10 @@ evaluator's precision context. Under data parallelism every rank scores its shar
 value equals a single-process run of lm-eval on the same examples.
 
 Tasks are found by name in lm-eval's registry and in ``include_path`` folders of task YAMLs; the
-package ships one offline task, :data:`LOCAL_TASK` (next line of Macbeth, four choices, ``acc``),
-under :data:`TASKS_DIR`. :func:`next_line_examples` builds such a task from any text.
+package ships two offline tasks under :data:`TASKS_DIR`, built from Macbeth (held out of the
+Shakespeare training split): :data:`LOCAL_TASK` (the next line of a speech among four, ``acc``)
+and :data:`LOCAL_PPL_TASK` (perplexity of speeches). :func:`next_line_examples`,
+:func:`speech_examples` and :func:`write_next_line_task` build such tasks from any text.
 
 Example::
 
@@ -33,13 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LmEvalMetric", "TASKS_DIR", "LOCAL_TASK", "next_line_examples", "write_next_line_task",
+__all__ = ["LmEvalMetric", "TASKS_DIR", "LOCAL_TASK", "LOCAL_PPL_TASK", "next_line_examples",
+           "speech_examples", "write_next_line_task",
            "find_lm", "require_lm_eval", "run_lm_eval"]
 
 #: folder of task YAMLs shipped with the package (always on the task search path)
 TASKS_DIR = Path(__file__).with_name("lmeval_tasks")
-#: the shipped offline task: pick the next line of a Macbeth speech among four lines
+#: a shipped offline task: pick the next line of a Macbeth speech among four (``acc``)
 LOCAL_TASK = "merge_callback_next_line"
+#: a shipped offline task: perplexity of Macbeth speeches (``word_perplexity``; lower is better)
+LOCAL_PPL_TASK = "merge_callback_macbeth_ppl"
 
 # aggregation name -> how (total, count) become the task's value
 _FINALIZE: dict[str, Callable[[float], float]] = {
@@ -358,6 +363,48 @@ def run_lm_eval(model: nn.Module, tasks: Sequence[str], tokenizer: Any, *,
 
 
 # ------------------------------------------------------------------ building a local task
+def _blocks(text: str) -> list[list[str]]:
+    """Blocks of stripped lines split at blank lines; a leading speaker's name is dropped."""
+    blocks = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        lines = [ln.strip() for ln in block.split("\n") if ln.strip()]
+        if lines and lines[0].isupper() and lines[0].endswith("."):
+            lines = lines[1:]
+        if lines:
+            blocks.append(lines)
+    return blocks
+
+
+def speech_examples(text: str, n: int, *, min_lines: int = 3, max_chars: int = 400,
+                    seed: int = 0) -> list[dict[str, str]]:
+    """Perplexity documents ``{"text": ...}``: ``n`` blocks of ``min_lines`` or more lines.
+
+    Blocks are split at blank lines, a leading speaker's name is dropped, blocks longer than
+    ``max_chars`` are cut after the last whole line that fits and blocks holding a word of three
+    or more capitals (a list of characters, a stage direction) are skipped. Chosen at random (``seed``), in
+    text order.
+
+    Raises:
+        ValueError: ``n`` is not a positive integer or the text has fewer usable blocks.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    docs = []
+    for lines in _blocks(text):
+        kept: list[str] = []
+        for line in lines:
+            if len("\n".join(kept + [line])) > max_chars:
+                break
+            kept.append(line)
+        if len(kept) >= min_lines and not any(w.isupper() and len(w) > 2 for ln in kept
+                                              for w in ln.replace(",", " ").split()):
+            docs.append("\n".join(kept))  # (a block with a capitalised name: not a speech)
+    if len(docs) < n:
+        raise ValueError(f"the text gives {len(docs)} blocks of {min_lines}+ lines, {n} needed")
+    chosen = sorted(random.Random(seed).sample(range(len(docs)), n))
+    return [{"text": docs[i]} for i in chosen]
+
+
 def next_line_examples(text: str, n: int, *, choices: int = 4, seed: int = 0,
                        min_chars: int = 20) -> list[dict[str, Any]]:
     """Multiple-choice examples "which line comes next?" from verse or prose split into blocks.
@@ -375,13 +422,7 @@ def next_line_examples(text: str, n: int, *, choices: int = 4, seed: int = 0,
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if isinstance(choices, bool) or not isinstance(choices, int) or choices < 2:
         raise ValueError(f"choices must be an integer >= 2, got {choices!r}")
-    blocks = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        lines = [ln.strip() for ln in block.split("\n") if ln.strip()]
-        if lines and lines[0].isupper() and lines[0].endswith("."):
-            lines = lines[1:]
-        if lines:
-            blocks.append(lines)
+    blocks = _blocks(text)
     rng = random.Random(seed)
     def usable(line: str) -> bool:  # long enough, not a stage direction
         return len(line) >= min_chars and not line.startswith("[")

@@ -10,7 +10,7 @@ import torch
 from merge_callback.data import BlockDataset, tiny_gpt_neox, tokenize_and_pack, train_tokenizer
 from merge_callback.lmeval import TASKS_DIR
 
-TASK_DATA = TASKS_DIR / "next_line" / "macbeth_next_line.jsonl"
+TASK_DATA = TASKS_DIR / "macbeth" / "next_line.jsonl"
 
 
 def task_rows() -> list[dict]:
@@ -33,9 +33,14 @@ def model(seed: int = 0):
                          max_len=160)
 
 
+def answer_text() -> str:
+    """Each example's context followed by its right line: training on it moves the task's score."""
+    return "\n\n".join(r["context"] + "\n" + r["choices"][r["label"]] for r in task_rows())
+
+
 def blocks(n: int | None = None, offset: int = 0) -> torch.Tensor:
-    """Blocks of 32 tokens of the task's text (training data for a round that moves the score)."""
-    b = tokenize_and_pack(task_text(), tokenizer(), 32)
+    """Blocks of 32 tokens of :func:`answer_text` (718 tokens per pass over the 128 examples)."""
+    b = tokenize_and_pack(answer_text(), tokenizer(), 32)
     return b[offset:] if n is None else b[offset:offset + n]
 
 

@@ -24,8 +24,8 @@ from lightning_helpers import trainer as lightning_trainer  # noqa: E402
 from merge_callback import BayesMergeCallback, BayesMergeTrainerCallback  # noqa: E402
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric  # noqa: E402
 from merge_callback.lm import CausalLMModule  # noqa: E402
-from merge_callback.lmeval import (LOCAL_TASK, LmEvalMetric, next_line_examples,  # noqa: E402
-                                   run_lm_eval, write_next_line_task)
+from merge_callback.lmeval import (LOCAL_PPL_TASK, LOCAL_TASK, LmEvalMetric,  # noqa: E402
+                                   next_line_examples, run_lm_eval, write_next_line_task)
 
 HERE = Path(__file__).parent
 LIMIT = 24
@@ -129,22 +129,37 @@ def test_batch_loop_use_is_refused():
 
 
 # ------------------------------------------------------------------------- both adapters
+def ppl_metric():
+    return LmEvalMetric([LOCAL_PPL_TASK], tokenizer=H.tokenizer(), limit=LIMIT)
+
+
+def direct_ppl(model):
+    return direct_acc(model, task=LOCAL_PPL_TASK)["word_perplexity,none"]
+
+
+def check_round(rec, info):
+    assert info["metric"] == f"lmeval:{LOCAL_PPL_TASK}/word_perplexity"
+    assert info["higher_is_better"] is False
+    values = [v for _, v in info["observations"]]
+    assert info["value_soup"] == rec["value_soup"] == min(values)
+    assert len(set(values)) == len(values)  # a continuous score: every λ scores differently
+
+
 def test_lightning_round_chooses_lambda_on_lm_eval(tmp_path):
     L.seed_everything(0, verbose=False)
     train = DataLoader(H.dataset(80), batch_size=8)
-    cb = BayesMergeCallback(heldout=[], metric=metric(), budget=4)
+    cb = BayesMergeCallback(heldout=[], metric=ppl_metric(), budget=4)
     tr = lightning_trainer(tmp_path, cb, max_steps=20, every=10)
-    tr.fit(CausalLMModule(H.model(), lr=3e-3), train)
+    tr.fit(CausalLMModule(H.model(), lr=1e-2), train)
     (rec,) = cb.history
     assert rec["step"] == 20
     soups = tmp_path / "ckpt" / "soups"
-    info = json.loads((soups / "soup-step=20.json").read_text())
-    assert info["metric"] == f"lmeval:{LOCAL_TASK}/acc" and info["higher_is_better"] is True
-    assert info["value_soup"] == max(v for _, v in info["observations"])
+    check_round(rec, json.loads((soups / "soup-step=20.json").read_text()))
     soup = CausalLMModule(H.model())
     soup.load_state_dict(load_file(str(soups / "soup-step=20.safetensors")))
-    # exact: the same tensors, the same lm-eval requests and batches, float32 on the CPU
-    assert rec["value_soup"] == direct_acc(soup.model.eval())["acc,none"]
+    # exact: the same tensors, the same lm-eval requests and batches, float32 on the CPU, and
+    # the per-example log-likelihoods summed in the same order as lm-eval's aggregation
+    assert rec["value_soup"] == direct_ppl(soup.model.eval())
 
 
 def test_hf_round_chooses_lambda_on_lm_eval(tmp_path):
@@ -152,20 +167,19 @@ def test_hf_round_chooses_lambda_on_lm_eval(tmp_path):
         ids = torch.stack([it["input_ids"] for it in items])
         return {"input_ids": ids, "labels": ids.clone()}
 
-    cb = BayesMergeTrainerCallback(heldout=H.dataset(8, offset=100), metric=metric(), budget=4)
+    cb = BayesMergeTrainerCallback(heldout=H.dataset(8, offset=100), metric=ppl_metric(),
+                                   budget=4)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, save_steps=10,
-                             per_device_train_batch_size=8, learning_rate=3e-3,
+                             per_device_train_batch_size=8, learning_rate=1e-2,
                              lr_scheduler_type="constant", report_to="none", use_cpu=True,
                              disable_tqdm=True, seed=0)
     Trainer(model=H.model(), args=args, train_dataset=H.dataset(80), data_collator=collate,
             callbacks=[cb]).train()
     (rec,) = cb.history
     folder = tmp_path / "soups" / "soup-20"
-    info = json.loads((folder / "merge_info.json").read_text()) \
-        if (folder / "merge_info.json").exists() else rec
-    assert info["value_soup"] == rec["value_soup"]
+    check_round(rec, json.loads((folder / "merge.json").read_text()))
     soup = AutoModelForCausalLM.from_pretrained(str(folder))
-    assert rec["value_soup"] == direct_acc(soup.eval())["acc,none"]
+    assert rec["value_soup"] == direct_ppl(soup.eval())
 
 
 def test_lightning_ddp_ranks_share_the_examples(tmp_path):
