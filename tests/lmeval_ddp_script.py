@@ -34,7 +34,7 @@ def main(out: Path) -> None:
                         enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[ModelCheckpoint(dirpath=str(out / "ckpt"),
                                                    every_n_train_steps=5, save_top_k=-1), cb])
-    module = CausalLMModule(H.model(), lr=3e-3)
+    module = CausalLMModule(H.model(), lr=3e-2)
     trainer.fit(module, DataLoader(H.dataset(80), batch_size=8))
     rank = trainer.global_rank
     # side values of a loss evaluation on the soup, each rank on its share of the batches
