@@ -21,13 +21,13 @@ import lmeval_helpers as H  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric  # noqa: E402
 from merge_callback.lm import CausalLMModule  # noqa: E402
-from merge_callback.lmeval import LOCAL_TASK, LmEvalMetric  # noqa: E402
+from merge_callback.lmeval import LOCAL_PPL_TASK, LmEvalMetric  # noqa: E402
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    metric = LmEvalMetric([LOCAL_TASK], tokenizer=H.tokenizer(), limit=23)
+    metric = LmEvalMetric([LOCAL_PPL_TASK], tokenizer=H.tokenizer(), limit=23)
     cb = BayesMergeCallback(heldout=[], metric=metric, budget=3)
     trainer = L.Trainer(default_root_dir=str(out), max_steps=10, accelerator="cpu", devices=2,
                         strategy="ddp", logger=False, enable_progress_bar=False,
@@ -45,7 +45,7 @@ def main(out: Path) -> None:
                           reduce_sum=lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
     ev(soup)
     (out / f"rank{rank}.json").write_text(json.dumps(
-        {"history": cb.history, "share": len(metric.indices(LOCAL_TASK, rank, 2)),
+        {"history": cb.history, "share": len(metric.indices(LOCAL_PPL_TASK, rank, 2)),
          "extras": ev.last_extras}))
 
 
