@@ -209,3 +209,23 @@ def test_lightning_ddp_ranks_share_the_examples(tmp_path):
         assert rank["extras"]["accuracy"] == acc
         assert rank["extras"]["loss"] == pytest.approx(loss, rel=1e-12)
         assert rank["extras"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-12)
+
+
+def test_example_runs_offline_on_a_text_file(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lmeval_metric",
+                                                  HERE.parent / "examples" / "lmeval_metric.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    text = tmp_path / "train.txt"
+    text.write_text(H.answer_text(), encoding="utf-8")
+    history = example.main(["--output_dir", str(tmp_path / "run"), "--train_text", str(text),
+                            "--steps", "20", "--save_every", "10", "--batch_size", "8",
+                            "--block_size", "32", "--hidden_size", "32", "--budget", "3",
+                            "--limit", "8"])
+    assert [r["step"] for r in history] == [20]
+    out = capsys.readouterr().out
+    # the value the round recorded is what lm-eval gives for the soup read back from disk
+    assert (f"lm-eval on the written soup of step 20: {LOCAL_PPL_TASK} word_perplexity "
+            f"{history[0]['value_soup']:.4f}") in out
