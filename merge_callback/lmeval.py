@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -70,7 +71,7 @@ def require_lm_eval():
 
 
 def find_lm(module: nn.Module) -> nn.Module:
-    """The Hugging Face causal LM inside ``module`` (``module`` itself if it has ``.config``).
+    """The Hugging Face causal LM inside ``module`` (``module`` itself when it is one).
 
     A LightningModule that keeps its network as ``self.model`` gives that network.
 
@@ -78,16 +79,16 @@ def find_lm(module: nn.Module) -> nn.Module:
         TypeError: no submodule is a ``transformers.PreTrainedModel``, or several are and none
             contains the others.
     """
-    if hasattr(module, "config") and hasattr(module, "device") and hasattr(module, "forward"):
-        return module
     try:
         from transformers import PreTrainedModel
     except ImportError as e:  # pragma: no cover - lm-eval depends on transformers
         raise ImportError("lm-eval metrics need transformers: pip install transformers") from e
+    if isinstance(module, PreTrainedModel):
+        return module
     found = [(name, m) for name, m in module.named_modules() if isinstance(m, PreTrainedModel)]
-    top = [(n, m) for n, m in found if not any(n != o and n.startswith(o + ".") for o, _ in found)]
+    top = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
     if len(top) != 1:
-        names = [n or "<root>" for n, _ in top]
+        names = [n for n, _ in top]
         raise TypeError(f"{type(module).__name__} must be a transformers PreTrainedModel or hold "
                         f"exactly one (e.g. as self.model) for lm-eval; found {names or 'none'}")
     return top[0][1]
@@ -223,6 +224,9 @@ class LmEvalMetric:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
                   max_length=self.max_length)
+        for request in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            # no progress bars for every candidate soup
+            setattr(lm, request, functools.partial(getattr(lm, request), disable_tqdm=True))
         self._lm_cache = (weakref.ref(model), lm)
         return lm
 

@@ -229,3 +229,15 @@ def test_example_runs_offline_on_a_text_file(tmp_path, capsys):
     # the value the round recorded is what lm-eval gives for the soup read back from disk
     assert (f"lm-eval on the written soup of step 20: {LOCAL_PPL_TASK} word_perplexity "
             f"{history[0]['value_soup']:.4f}") in out
+
+
+def test_find_lm_takes_the_network_inside_a_lightning_module():
+    from merge_callback.lmeval import find_lm
+
+    net = H.model()
+    assert find_lm(net) is net and find_lm(CausalLMModule(net)) is net
+    with pytest.raises(TypeError, match=r"Sequential must be a transformers PreTrainedModel or "
+                                        r"hold exactly one .* found \['0', '1'\]"):
+        find_lm(torch.nn.Sequential(H.model(), H.model()))
+    with pytest.raises(TypeError, match="found none"):
+        find_lm(torch.nn.Linear(2, 2))
