@@ -241,3 +241,23 @@ def test_find_lm_takes_the_network_inside_a_lightning_module():
         find_lm(torch.nn.Sequential(H.model(), H.model()))
     with pytest.raises(TypeError, match="found none"):
         find_lm(torch.nn.Linear(2, 2))
+
+
+def test_fsdp2_ranks_score_every_example_and_agree(tmp_path):
+    """Under FSDP2 every forward is a collective: both ranks score all 9 speeches; the value equals
+    lm-eval run in one process on the consolidated soup."""
+    from merge_callback.fsdp import consolidate_sharded_soup
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([sys.executable, str(HERE / "lmeval_fsdp_script.py"), str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    (rec,) = ranks[0]["history"]
+    folder = consolidate_sharded_soup(tmp_path / "ckpt" / "soups" / "soup-step=10.sharded",
+                                      tmp_path / "hf", model=H.model())
+    soup = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    direct = direct_acc(soup, limit=9, task=LOCAL_PPL_TASK)["word_perplexity,none"]
+    assert rec["value_soup"] == pytest.approx(direct, rel=1e-9)
