@@ -1,6 +1,7 @@
 """HeldoutEvaluator.last_extras: loss, perplexity and accuracy from the metric's own forward passes."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -102,3 +103,38 @@ def test_a_metric_that_owns_its_forward_gives_no_side_values(tiny_neox):
     ev = HeldoutEvaluator(batches(), resolve_metric(token_count, higher_is_better=True))
     assert ev(tiny_neox) == 48
     assert ev.last_extras == {}
+
+
+def test_lm_eval_metric_without_lm_eval_says_how_to_install(monkeypatch):
+    from merge_callback.lmeval import LOCAL_TASK, LmEvalMetric
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    with pytest.raises(ImportError, match=r"pip install 'merge_callback\[eval\]'"):
+        LmEvalMetric([LOCAL_TASK], tokenizer="unused")
+
+
+def test_a_loss_chosen_round_gives_the_soups_accuracy(tiny_neox):
+    """A real run_round choosing λ on the loss: the side values read after each evaluation (the
+    adapters' on_evaluation hook) hold, for the chosen λ, the accuracy of that soup evaluated
+    directly."""
+    import copy
+
+    from merge_callback.engine import RoundConfig, Snapshot, run_round
+    from merge_callback.merge import lerp_state_dicts
+
+    other = copy.deepcopy(tiny_neox)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    previous, latest = Snapshot.capture(other, 1), Snapshot.capture(tiny_neox, 2)
+    data = batches(n=4)
+    ev = HeldoutEvaluator(data, resolve_metric("loss"))
+    seen = {}
+    result = run_round(tiny_neox, previous, latest, ev, RoundConfig(budget=4),
+                       on_evaluation=lambda lam, value: seen.__setitem__(lam, dict(ev.last_extras)))
+    assert set(seen) == {lam for lam, _ in result.observations} | {0.0}
+    soup = copy.deepcopy(tiny_neox)
+    soup.load_state_dict(lerp_state_dicts(previous.tensors, latest.tensors, result.lam))
+    assert seen[result.lam]["accuracy"] == HeldoutEvaluator(data, resolve_metric("accuracy"))(soup)
+    assert seen[result.lam]["loss"] == result.value_soup
+    assert seen[1.0]["accuracy"] == HeldoutEvaluator(data, resolve_metric("accuracy"))(tiny_neox)
