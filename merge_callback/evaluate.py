@@ -276,11 +276,13 @@ class HeldoutEvaluator:
         context: a factory for a context entered around the forward passes (e.g. autocast).
         seed: torch seed used while iterating (the caller's RNG state is restored afterwards).
 
-    Calling the evaluator returns the metric value and sets :attr:`last_extras`; it runs in ``inference_mode`` and eval mode and
+    Calling the evaluator returns the metric value and sets :attr:`last_extras`; it runs in
+    ``inference_mode`` and eval mode and
     restores every submodule's training flag and all global random states.
     """
 
-    def __init__(self, data: Iterable, metric: Metric | ModuleMetric, *, max_batches: int | None = None,
+    def __init__(self, data: Iterable, metric: Metric | ModuleMetric, *,
+                 max_batches: int | None = None,
                  rank: int = 0, world_size: int = 1, shard: bool = True,
                  reduce_sum: Callable[[Tensor], Tensor] | None = None,
                  context: Callable[[], contextlib.AbstractContextManager] | None = None,

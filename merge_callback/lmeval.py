@@ -1,11 +1,12 @@
 """Score a live module on lm-evaluation-harness tasks (``pip install 'merge_callback[eval]'``).
 
-:class:`LmEvalMetric` is a metric the callbacks and :class:`~merge_callback.evaluate.HeldoutEvaluator`
-accept wherever they take ``"loss"``: each candidate soup is scored by running lm-eval's ``HFLM``
-on the module itself (no copy; ``HFLM(pretrained=<model object>, tokenizer=...)``), inside the
-evaluator's precision context. Under data parallelism every rank scores its share of the examples
-(rank ``r`` takes examples ``r, r + world, ...``) and the per-task sums are added across ranks, so the
-value equals a single-process run of lm-eval on the same examples.
+:class:`LmEvalMetric` is a metric the callbacks and
+:class:`~merge_callback.evaluate.HeldoutEvaluator` accept wherever they take ``"loss"``: each
+candidate soup is scored by running lm-eval's ``HFLM`` on the module itself (no copy;
+``HFLM(pretrained=<model object>, tokenizer=...)``), inside the evaluator's precision context.
+Under data parallelism every rank scores its share of the examples (rank ``r`` takes examples
+``r, r + world, ...``) and the per-task sums are added across ranks, so the value equals a
+single-process run of lm-eval on the same examples.
 
 Tasks are found by name in lm-eval's registry and in ``include_path`` folders of task YAMLs; the
 package ships two offline tasks under :data:`TASKS_DIR`, built from Macbeth (held out of the
@@ -62,8 +63,8 @@ def require_lm_eval():
     try:
         import lm_eval  # noqa: F401
         import lm_eval.evaluator  # noqa: F401
-        from lm_eval.models.huggingface import HFLM  # noqa: F401
-        from lm_eval.tasks import TaskManager  # noqa: F401
+        import lm_eval.models.huggingface  # noqa: F401
+        import lm_eval.tasks  # noqa: F401
     except ImportError as e:
         raise ImportError("lm-eval metrics need lm-evaluation-harness: "
                           "pip install 'merge_callback[eval]' (or pip install lm-eval)") from e
@@ -139,7 +140,8 @@ class LmEvalMetric:
             raise ValueError(f"tasks must be distinct, got {tasks}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 1):
-            raise ValueError(f"limit must be a positive integer or None (all examples), got {limit!r}")
+            raise ValueError(f"limit must be a positive integer or None (all examples), "
+                             f"got {limit!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if tokenizer is None:
@@ -232,7 +234,7 @@ class LmEvalMetric:
 
     # ------------------------------------------------------------- scoring
     def indices(self, task: str, rank: int = 0, world_size: int = 1) -> list[int]:
-        """The example indices of ``task`` scored on ``rank`` (all of them when ``world_size`` is 1)."""
+        """The example indices of ``task`` scored on ``rank`` (all when ``world_size`` is 1)."""
         n = self._docs[task] if self.limit is None else min(self.limit, self._docs[task])
         return list(range(rank, n, world_size))
 
@@ -385,8 +387,8 @@ def speech_examples(text: str, n: int, *, min_lines: int = 3, max_chars: int = 4
 
     Blocks are split at blank lines, a leading speaker's name is dropped, blocks longer than
     ``max_chars`` are cut after the last whole line that fits and blocks holding a word of three
-    or more capitals (a list of characters, a stage direction) are skipped. Chosen at random (``seed``), in
-    text order.
+    or more capitals (a list of characters, a stage direction) are skipped. Chosen at random
+    (``seed``), in text order.
 
     Raises:
         ValueError: ``n`` is not a positive integer or the text has fewer usable blocks.

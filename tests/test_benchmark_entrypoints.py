@@ -31,6 +31,7 @@ def test_quality_and_search_strategies_share_soup_objective_through_common():
     import benchmarks.search_strategies as strategies
 
     assert quality.soup_objective is strategies.soup_objective is common.soup_objective
-    src = {n: (ROOT / "benchmarks" / f"{n}.py").read_text() for n in ("quality", "search_strategies")}
+    src = {n: (ROOT / "benchmarks" / f"{n}.py").read_text()
+           for n in ("quality", "search_strategies")}
     assert "from benchmarks.search_strategies import" not in src["quality"]
     assert "from benchmarks.quality import" not in src["search_strategies"].split("\ndef ")[0]

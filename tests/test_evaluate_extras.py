@@ -1,4 +1,4 @@
-"""HeldoutEvaluator.last_extras: loss, perplexity and accuracy from the metric's own forward passes."""
+"""HeldoutEvaluator.last_extras: loss, perplexity and accuracy from the metric's forward passes."""
 
 import math
 import sys
