@@ -113,7 +113,10 @@ class LmEvalMetric:
             in the local folders (indexing the built-in tasks takes seconds).
         batch_size: lm-eval's batch size for the forward passes.
         max_length: the context length lm-eval truncates to (None: the model config's).
-        num_fewshot: few-shot examples per prompt (None: the task's default).
+        num_fewshot: few-shot examples per prompt (None: the task's default, else 0).
+        fewshot_seed: seed of the few-shot draws, reset before every evaluation so that every
+            candidate sees the same prompts (lm-eval's default, 1234). Under data parallelism
+            each rank draws for its own share, as in lm-eval's own multi-process runs.
         name: the name recorded with each round (default ``lmeval:<task>/<metric>,...``).
 
     Raises:
@@ -132,7 +135,7 @@ class LmEvalMetric:
                  include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                  include_defaults: bool | None = None, batch_size: int = 8,
                  max_length: int | None = None, num_fewshot: int | None = None,
-                 name: str | None = None):
+                 fewshot_seed: int = 1234, name: str | None = None):
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         if not tasks or not all(isinstance(t, str) and t for t in tasks):
             raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
@@ -152,7 +155,11 @@ class LmEvalMetric:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
+        if num_fewshot is not None and (isinstance(num_fewshot, bool)
+                                        or not isinstance(num_fewshot, int) or num_fewshot < 0):
+            raise ValueError(f"num_fewshot must be an integer >= 0 or None, got {num_fewshot!r}")
         self.num_fewshot = num_fewshot
+        self.fewshot_seed = fewshot_seed
         paths = [] if include_path is None else (
             [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path))
         self.include_path = [str(TASKS_DIR)] + [str(Path(p)) for p in paths]
@@ -190,9 +197,11 @@ class LmEvalMetric:
             from lm_eval.tasks import get_task_dict
 
             tasks = get_task_dict(self.tasks, tm)
-        if self.num_fewshot is not None:
-            for t in tasks.values():
+        for t in tasks.values():  # as simple_evaluate: the YAML's count, else 0
+            if self.num_fewshot is not None:
                 t.set_config(key="num_fewshot", value=self.num_fewshot)
+            elif t.get_config("num_fewshot") is None:
+                t.set_config(key="num_fewshot", value=0)
         return {"tasks": {t: tasks[t] for t in self.tasks}, "groups": {}}
 
     def _choose_metrics(self, metrics):
@@ -254,6 +263,12 @@ class LmEvalMetric:
         if not todo:
             return out
         lm = self._lm(model)
+        # HFLM enters its own torch.autocast (disabled unless mixed_precision_dtype is set), which
+        # would switch off the caller's precision context: hand it the caller's autocast dtype
+        lm.mixed_precision_dtype = (torch.get_autocast_dtype(device.type)
+                                    if torch.is_autocast_enabled(device.type) else None)
+        for t in todo:
+            self._task_dict["tasks"][t].set_fewshot_seed(seed=self.fewshot_seed)
         res = lm_eval.evaluator.evaluate(
             lm, {"tasks": {t: self._task_dict["tasks"][t] for t in todo}, "groups": {}},
             samples={t: share[t] for t in todo}, log_samples=True, bootstrap_iters=0)
@@ -350,10 +365,12 @@ def _normalise_weights(tasks: list[str], weights) -> dict[str, float]:
 
 def run_lm_eval(model: nn.Module, tasks: Sequence[str], tokenizer: Any, *,
                 limit: int | None = None, include_path: Sequence[str | os.PathLike] = (),
-                batch_size: int = 8) -> dict[str, Any]:
+                batch_size: int = 8, num_fewshot: int | None = None,
+                **hflm_kwargs: Any) -> dict[str, Any]:
     """Run lm-eval's ``simple_evaluate`` on ``model`` (a loaded model), as a user would directly.
 
-    Returns lm-eval's results dict (``["results"][task]["acc,none"]`` etc.).
+    ``hflm_kwargs`` go to ``HFLM`` (e.g. ``mixed_precision_dtype="bfloat16"``). Returns lm-eval's
+    results dict (``["results"][task]["acc,none"]`` etc.).
     """
     require_lm_eval()
     import lm_eval
@@ -362,10 +379,11 @@ def run_lm_eval(model: nn.Module, tasks: Sequence[str], tokenizer: Any, *,
 
     tm = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_path)],
                      include_defaults=False)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **hflm_kwargs)
     with torch.inference_mode():
         return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=tm,
-                                       bootstrap_iters=0, log_samples=False)
+                                       bootstrap_iters=0, log_samples=False,
+                                       num_fewshot=num_fewshot)
 
 
 # ------------------------------------------------------------------ building a local task

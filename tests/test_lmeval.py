@@ -36,7 +36,7 @@ def metric(**kw):
     return LmEvalMetric([LOCAL_TASK], tokenizer=H.tokenizer(), **kw)
 
 
-def direct_acc(model, limit=LIMIT, task=LOCAL_TASK, **kw):
+def direct_lm_eval(model, limit=LIMIT, task=LOCAL_TASK, **kw):
     """lm-eval run directly (simple_evaluate) on a loaded model."""
     return run_lm_eval(model, [task], H.tokenizer(), limit=limit, **kw)["results"][task]
 
@@ -48,11 +48,11 @@ def test_metric_equals_lm_eval_run_directly_and_restores_the_module():
     ev = HeldoutEvaluator([], metric())
     value = ev(model)
     assert model.training  # training flags restored (HFLM puts the model in eval mode)
-    assert value == direct_acc(model)["acc,none"]
+    assert value == direct_lm_eval(model)["acc,none"]
     assert ev.last_extras == {f"{LOCAL_TASK}/acc": value}
     # acc_norm, and all 128 examples
     ev_norm = HeldoutEvaluator([], metric(metrics="acc_norm", limit=None))
-    assert ev_norm(model) == direct_acc(model, limit=None)["acc_norm,none"]
+    assert ev_norm(model) == direct_lm_eval(model, limit=None)["acc_norm,none"]
 
 
 def test_ranks_score_their_share_and_the_sums_equal_one_process():
@@ -65,7 +65,7 @@ def test_ranks_score_their_share_and_the_sums_equal_one_process():
         parts = [m.task_totals(model, r, 3) for r in range(3)]
     total = sum(parts)
     assert total[0, 1].item() == 23
-    assert m.value_from_totals(total)[0] == direct_acc(model, limit=23)["acc,none"]
+    assert m.value_from_totals(total)[0] == direct_lm_eval(model, limit=23)["acc,none"]
     assert [p[0, 1].item() for p in parts] == [8, 8, 7]
 
 
@@ -78,8 +78,8 @@ def test_weights_and_direction(tmp_path):
     assert m.higher_is_better is True
     assert m.name == f"lmeval:{LOCAL_TASK}/acc,other_next_line/acc"
     value = HeldoutEvaluator([], m)(model)
-    a = direct_acc(model, limit=20)["acc,none"]
-    b = direct_acc(model, limit=20, task="other_next_line", include_path=[tmp_path])["acc,none"]
+    a = direct_lm_eval(model, limit=20)["acc,none"]
+    b = direct_lm_eval(model, limit=20, task="other_next_line", include_path=[tmp_path])["acc,none"]
     assert value == pytest.approx(0.75 * a + 0.25 * b, abs=1e-12)
     assert resolve_metric(m) is m
     with pytest.raises(ValueError, match="contradicts metric"):
@@ -94,7 +94,7 @@ def test_a_json_task_with_local_data_files_runs_offline(tmp_path, monkeypatch):
     model = H.model()
     m = LmEvalMetric("json_next_line", tokenizer=H.tokenizer(), include_path=tmp_path / "tasks")
     # the same rows as the shipped task's first 12: the same accuracy
-    assert HeldoutEvaluator([], m)(model) == direct_acc(model, limit=12)["acc,none"]
+    assert HeldoutEvaluator([], m)(model) == direct_lm_eval(model, limit=12)["acc,none"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -134,7 +134,7 @@ def ppl_metric():
 
 
 def direct_ppl(model):
-    return direct_acc(model, task=LOCAL_PPL_TASK)["word_perplexity,none"]
+    return direct_lm_eval(model, task=LOCAL_PPL_TASK)["word_perplexity,none"]
 
 
 def check_round(rec, info):
@@ -198,7 +198,7 @@ def test_lightning_ddp_ranks_share_the_examples(tmp_path):
     soup = CausalLMModule(H.model())
     soup.load_state_dict(load_file(str(tmp_path / "ckpt" / "soups" / "soup-step=10.safetensors")))
     assert 0.5 <= rec["lambda"] < 1.0
-    direct = direct_acc(soup.model.eval(), limit=23, task=LOCAL_PPL_TASK)["word_perplexity,none"]
+    direct = direct_lm_eval(soup.model.eval(), limit=23, task=LOCAL_PPL_TASK)["word_perplexity,none"]
     # the ranks' log-likelihood sums are added in another order than lm-eval's: float tolerance
     assert rec["value_soup"] == pytest.approx(direct, rel=1e-12)
     # side values of a loss evaluation under DDP (rank shares of the held-out batches, summed)
@@ -259,5 +259,35 @@ def test_fsdp2_ranks_score_every_example_and_agree(tmp_path):
     folder = consolidate_sharded_soup(tmp_path / "ckpt" / "soups" / "soup-step=10.sharded",
                                       tmp_path / "hf", model=H.model())
     soup = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-    direct = direct_acc(soup, limit=9, task=LOCAL_PPL_TASK)["word_perplexity,none"]
+    direct = direct_lm_eval(soup, limit=9, task=LOCAL_PPL_TASK)["word_perplexity,none"]
     assert rec["value_soup"] == pytest.approx(direct, rel=1e-9)
+
+
+def test_few_shot_prompts_are_the_same_for_every_candidate():
+    """The few-shot draws restart from the seed at every evaluation: the same value twice, equal
+    to lm-eval's simple_evaluate with the same count (its default few-shot seed)."""
+    model = H.model()
+    ev = HeldoutEvaluator([], LmEvalMetric([LOCAL_PPL_TASK], tokenizer=H.tokenizer(), limit=6,
+                                           num_fewshot=1))
+    first = ev(model)
+    assert ev(model) == first
+    direct = run_lm_eval(model, [LOCAL_PPL_TASK], H.tokenizer(), limit=6, num_fewshot=1)
+    assert first == direct["results"][LOCAL_PPL_TASK]["word_perplexity,none"]
+    zero_shot = HeldoutEvaluator([], LmEvalMetric([LOCAL_PPL_TASK], tokenizer=H.tokenizer(),
+                                                  limit=6))(model)
+    assert zero_shot == direct_lm_eval(model, limit=6, task=LOCAL_PPL_TASK)["word_perplexity,none"]
+
+
+def test_scores_under_the_evaluators_precision_context():
+    """bf16 autocast (what Lightning's bf16-mixed plugin enters) changes the score, and it is the
+    score lm-eval gives with its own bf16 autocast (HFLM's mixed_precision_dtype)."""
+    model = H.model()
+    m = LmEvalMetric([LOCAL_PPL_TASK], tokenizer=H.tokenizer(), limit=6)
+    fp32 = HeldoutEvaluator([], m)(model)
+    bf16 = HeldoutEvaluator([], m, context=lambda: torch.autocast("cpu",
+                                                                  dtype=torch.bfloat16))(model)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)
+    direct = direct_lm_eval(model, limit=6, task=LOCAL_PPL_TASK,
+                        mixed_precision_dtype="bfloat16")["word_perplexity,none"]
+    assert bf16 == direct
+    assert HeldoutEvaluator([], m)(model) == fp32  # the next fp32 call is fp32 again
