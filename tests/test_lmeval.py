@@ -198,7 +198,8 @@ def test_lightning_ddp_ranks_share_the_examples(tmp_path):
     soup = CausalLMModule(H.model())
     soup.load_state_dict(load_file(str(tmp_path / "ckpt" / "soups" / "soup-step=10.safetensors")))
     assert 0.5 <= rec["lambda"] < 1.0
-    direct = direct_lm_eval(soup.model.eval(), limit=23, task=LOCAL_PPL_TASK)["word_perplexity,none"]
+    direct = direct_lm_eval(soup.model.eval(), limit=23,
+                            task=LOCAL_PPL_TASK)["word_perplexity,none"]
     # the ranks' log-likelihood sums are added in another order than lm-eval's: float tolerance
     assert rec["value_soup"] == pytest.approx(direct, rel=1e-12)
     # side values of a loss evaluation under DDP (rank shares of the held-out batches, summed)
