@@ -280,7 +280,7 @@ class Data:
     shards: dict[str, Tensor]
 
 
-def _pick_blocks(blocks: Tensor, n: int, seed: int) -> Tensor:
+def pick_blocks(blocks: Tensor, n: int, seed: int) -> Tensor:
     if blocks.shape[0] < n:
         raise RuntimeError(f"only {blocks.shape[0]} blocks available, {n} requested")
     idx = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
@@ -303,9 +303,9 @@ def build_data(cfg: AvgConfig, cache: Path) -> Data:
     train = tokenize_and_pack([train_text], tok, cfg.block_size)
     heldout = tokenize_and_pack([heldout_text], tok, cfg.block_size)
     half = heldout.shape[0] // 2
-    sel = _pick_blocks(heldout[:half], cfg.shard_blocks, cfg.shard_seed)
-    test = _pick_blocks(heldout[half:], cfg.shard_blocks, cfg.shard_seed + 1)
-    ood = _pick_blocks(tokenize_and_pack([stdlib_text(cfg.ood_chars)], tok, cfg.block_size),
+    sel = pick_blocks(heldout[:half], cfg.shard_blocks, cfg.shard_seed)
+    test = pick_blocks(heldout[half:], cfg.shard_blocks, cfg.shard_seed + 1)
+    ood = pick_blocks(tokenize_and_pack([stdlib_text(cfg.ood_chars)], tok, cfg.block_size),
                        cfg.shard_blocks, cfg.shard_seed + 2)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(folder / "tokenizer"))

@@ -129,7 +129,7 @@ def _make_option(name: str, heldout: list
         cb = BayesMergeCallback(heldout=heldout, **kw)
 
         def held() -> tuple[int, int, int]:
-            ring, emas = cb._ring, [e for e in cb._emas if e.snapshot is not None]  # noqa: SLF001
+            ring, emas = cb.schedule.ring, [e for e in cb.schedule.emas if e.snapshot is not None]
             tensors = [t for s in ring for t in s.tensors.values()]
             tensors += [t for e in emas for t in e.snapshot.tensors.values()]
             # steady state: `history` snapshots just before a save, plus one per EMA track

@@ -190,7 +190,7 @@ class Data:
     shards: dict[str, Tensor]
 
 
-def _pick_blocks(blocks: Tensor, n: int, seed: int) -> Tensor:
+def pick_blocks(blocks: Tensor, n: int, seed: int) -> Tensor:
     if blocks.shape[0] < n:
         raise RuntimeError(f"only {blocks.shape[0]} blocks available, {n} requested")
     idx = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
@@ -217,11 +217,11 @@ def build_data(cfg: BenchConfig, cache: str | os.PathLike | None = None) -> Data
     tok = train_tokenizer([tok_text], vocab_size=cfg.vocab_size)
     texts = shakespeare_texts()
     train = tokenize_and_pack([train_text], tok, cfg.block_size)
-    sel = _pick_blocks(tokenize_and_pack([texts["macbeth"]], tok, cfg.block_size), cfg.sel_blocks,
+    sel = pick_blocks(tokenize_and_pack([texts["macbeth"]], tok, cfg.block_size), cfg.sel_blocks,
                        cfg.shard_seed)
-    test = _pick_blocks(tokenize_and_pack([texts["julius_caesar"]], tok, cfg.block_size),
+    test = pick_blocks(tokenize_and_pack([texts["julius_caesar"]], tok, cfg.block_size),
                         cfg.test_blocks, cfg.shard_seed + 1)
-    ood = _pick_blocks(tokenize_and_pack([stdlib_text(cfg.ood_chars)], tok, cfg.block_size),
+    ood = pick_blocks(tokenize_and_pack([stdlib_text(cfg.ood_chars)], tok, cfg.block_size),
                        cfg.ood_blocks, cfg.shard_seed + 2)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(folder / "tokenizer"))

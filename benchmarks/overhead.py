@@ -64,11 +64,13 @@ from torch import Tensor
 
 from benchmarks.common import environment, log
 from merge_callback import engine
-from merge_callback.engine import RoundConfig, Snapshot, run_round, soup_state_dict, \
-    write_soup_files
+from merge_callback.engine import RoundConfig, Snapshot, combine_into_, pairwise_family, \
+    soup_state_dict
+from merge_callback.engine import round as engine_round
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
 from merge_callback.io import atomic_write_json
 from merge_callback.merge import lerp_tensors_
+from merge_callback.soups import write_soup_files
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {
@@ -156,10 +158,18 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def float_lists(module, prev: Snapshot, latest: Snapshot):
     """The live float tensors (each storage once) and the matching snapshot tensors."""
-    targets = engine._live_targets(module, latest.tensors)
+    targets = engine.live_targets(module, latest.tensors)
     keys = [k for k, _ in targets]
     return (keys, [t for _, t in targets], [prev.tensors[k] for k in keys],
             [latest.tensors[k] for k in keys])
+
+
+def run_round(module, prev: Snapshot, latest: Snapshot, evaluate, config: RoundConfig,
+              **kwargs) -> engine.RoundResult:
+    """The paper's pairwise round (``engine.run_round`` with the one pairwise family)."""
+    return engine.run_round(module, {"previous": prev, "latest": latest},
+                            [pairwise_family("previous", "latest", config.alpha)], evaluate,
+                            config, **kwargs)
 
 
 def clone_snapshot(snap: Snapshot) -> Snapshot:
@@ -316,7 +326,7 @@ class TimedEvaluator:
 
 
 class MergeTimer:
-    """Wraps ``engine.lerp_tensors_`` to add up the time spent merging and restoring."""
+    """Wraps the round's ``combine_into_`` to add up the time spent merging and restoring."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -340,16 +350,16 @@ def one_round(module, prev: Snapshot, evaluator, budget: int, out_dir: Path, ste
     from lightning.pytorch.loggers import CSVLogger
 
     from merge_callback.progress import RoundProgress
-    from merge_callback.tracking import log_round_to_loggers
+    from merge_callback.lightning import log_round_to_loggers
 
-    timer = MergeTimer(lerp_tensors_)
+    timer = MergeTimer(combine_into_)
     ev = TimedEvaluator(evaluator)
     logger = CSVLogger(str(out_dir / "logs"), name="round")
     progress = RoundProgress(disable=True)  # what for_trainer gives without a progress bar
     config = RoundConfig(budget=budget)
     parts = {}
-    original = engine.lerp_tensors_
-    engine.lerp_tensors_ = timer
+    original = engine_round.combine_into_
+    engine_round.combine_into_ = timer
     t0 = time.perf_counter()
     try:
         # on CPU the callback captures into fresh buffers (it recycles page-locked ones only)
@@ -364,7 +374,7 @@ def one_round(module, prev: Snapshot, evaluator, budget: int, out_dir: Path, ste
             progress.close()
         run_s = time.perf_counter() - t
     finally:
-        engine.lerp_tensors_ = original
+        engine_round.combine_into_ = original
     parts["soup"], soup = timed(lambda: soup_state_dict(prev, latest, result.lam, in_place=True,
                                                         module=module))
     parts["write"], _ = timed(lambda: write_soup_files(out_dir, f"soup-step={step}", soup, result))
@@ -442,7 +452,7 @@ def bench_round(name: str, module, spec: dict, reps: int, budget: int, target_pa
 # --------------------------------------------------------------------------- 3. memory (child)
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -450,7 +460,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -480,25 +490,25 @@ def memory_child(name: str, workdir: Path) -> dict:
     del warm, res
     shutil.rmtree(workdir / "mem-warmup", ignore_errors=True)
     train_step()
-    r0 = _rss_kib("VmRSS") * 1024
-    _reset_peak()
+    r0 = rss_kib("VmRSS") * 1024
+    reset_peak()
     evaluator(module)
-    eval_peak = _rss_kib("VmHWM") * 1024 - r0
+    eval_peak = rss_kib("VmHWM") * 1024 - r0
     out: dict[str, Any] = {"model": name, "model_bytes": B, "rss_training_bytes": r0,
                            "eval_pass_peak_extra_bytes": eval_peak}
     # the callback keeps the previous save's snapshot between rounds
     prev = Snapshot.capture(module, 1)
     train_step()
-    out["between_rounds"] = (_rss_kib("VmRSS") * 1024 - r0) / B
+    out["between_rounds"] = (rss_kib("VmRSS") * 1024 - r0) / B
     out["between_rounds_counted"] = prev.nbytes / B
     rounds = []
     for step in (2, 3):  # two consecutive rounds: the second starts from the first's latest
-        base = _rss_kib("VmRSS") * 1024
-        _reset_peak()
+        base = rss_kib("VmRSS") * 1024
+        reset_peak()
         res = one_round(module, prev, evaluator, 3, workdir / f"mem-{step}", step)
-        peak = _rss_kib("VmHWM") * 1024
+        peak = rss_kib("VmHWM") * 1024
         prev = res.pop("latest")  # the latest becomes the previous; the old one (the soup) goes
-        after = _rss_kib("VmRSS") * 1024
+        after = rss_kib("VmRSS") * 1024
         shutil.rmtree(workdir / f"mem-{step}", ignore_errors=True)
         rounds.append({"step": step, "during_round": (peak - r0) / B,
                        "before_round": (base - r0) / B, "after_round": (after - r0) / B})
@@ -509,10 +519,10 @@ def memory_child(name: str, workdir: Path) -> dict:
     result = run_round(module, prev, latest, lambda m: 1.0, RoundConfig(budget=3),
                        value_previous=1.0)
     soup = soup_state_dict(prev, latest, 0.7, in_place=True, module=module)
-    base = _rss_kib("VmRSS") * 1024
-    _reset_peak()
+    base = rss_kib("VmRSS") * 1024
+    reset_peak()
     write_soup_files(workdir / "mem-write", "soup", soup, result)
-    out["write_alone_peak"] = (_rss_kib("VmHWM") * 1024 - base) / B
+    out["write_alone_peak"] = (rss_kib("VmHWM") * 1024 - base) / B
     shutil.rmtree(workdir / "mem-write", ignore_errors=True)
     # tensors alive at the peak, counted: the previous snapshot (the soup is built inside it)
     # and the latest snapshot
@@ -587,7 +597,7 @@ def bench_steps(name: str, module, spec: dict, reps: int, timed_steps: int,
             per_rep[variant].append(median(intervals[2:]))
             pooled[variant] += intervals[2:]
             if merge is not None:
-                holds.append(len(merge._ring) == 1)
+                holds.append(len(merge.schedule.ring) == 1)
                 if hook_s is None:  # the callback's only per-step work: its batch-end hook
                     n = 20000
                     t = time.perf_counter()

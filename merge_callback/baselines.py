@@ -47,6 +47,7 @@ __all__ = [
     "METHODS",
     "GreedySoupResult",
     "uniform_soup",
+    "greedy_selection",
     "greedy_soup",
     "diagonal_fisher",
     "fisher_merge",
@@ -180,13 +181,40 @@ class GreedySoupResult:
     tried: tuple[tuple[int, float], ...]
 
 
+def greedy_selection(n: int, score: Callable[[tuple[int, ...]], float], *,
+                     higher_is_better: bool = False
+                     ) -> tuple[list[int], list[float], float, list[tuple[int, float]]]:
+    """The greedy-soup rule (Wortsman et al. 2022, Recipe 1) over ``n`` candidates, on any score.
+
+    Every candidate is scored alone (``score((i,))``) and ranked best first; **ties rank the later
+    candidate first**. The soup starts as the best one; every other candidate, in rank order,
+    joins when the soup with it (``score(members + (i,))``, members in joining order) scores **at
+    least as well** as the current soup (a tie joins: more members average out more noise).
+
+    Returns:
+        ``(members, single scores in input order, soup score, ((i, score with i), ...))``.
+    """
+    sign = -1.0 if higher_is_better else 1.0
+    scores = [score((i,)) for i in range(n)]
+    order = sorted(range(n), key=lambda i: (sign * scores[i], -i))
+    members = [order[0]]
+    soup_score = scores[order[0]]
+    tried = []
+    for i in order[1:]:
+        value = score((*members, i))
+        tried.append((i, value))
+        if sign * value <= sign * soup_score:
+            members.append(i)
+            soup_score = value
+    return members, scores, soup_score, tried
+
+
 def greedy_soup(state_dicts: Sequence[StateDict], score: Callable[[StateDict], float], *,
                 higher_is_better: bool = False) -> GreedySoupResult:
     """Greedy soup (Wortsman et al. 2022, Recipe 1).
 
-    Checkpoints are ranked by their own score, best first (ties keep the later checkpoint first).
-    The soup starts as the best one; every other checkpoint, in rank order, joins the soup if the
-    uniform average of the members plus it scores at least as well as the current soup.
+    The rule of :func:`greedy_selection` (ties rank the later checkpoint first; a candidate joins
+    when the uniform average with it scores at least as well as the current soup).
 
     Args:
         state_dicts: compatible state dicts (oldest first).
@@ -203,7 +231,6 @@ def greedy_soup(state_dicts: Sequence[StateDict], score: Callable[[StateDict], f
     sds = _check_state_dicts(state_dicts)
     if not callable(score):
         raise ValueError(f"score must be a callable(state_dict) -> float, got {type(score).__name__}")
-    sign = -1.0 if higher_is_better else 1.0
 
     def _score(sd: StateDict) -> float:
         value = float(score(sd))
@@ -211,19 +238,15 @@ def greedy_soup(state_dicts: Sequence[StateDict], score: Callable[[StateDict], f
             raise FloatingPointError("greedy_soup: the score function returned NaN")
         return value
 
-    scores = [_score(sd) for sd in sds]
-    order = sorted(range(len(sds)), key=lambda i: (sign * scores[i], -i))
-    members = [order[0]]
-    soup: dict[str, Tensor] = {k: v.clone() for k, v in sds[order[0]].items()}
-    soup_score = scores[order[0]]
-    tried = []
-    for i in order[1:]:
-        candidate = uniform_soup([sds[j] for j in sorted(members + [i])])
-        value = _score(candidate)
-        tried.append((i, value))
-        if sign * value <= sign * soup_score:
-            members.append(i)
-            soup, soup_score = candidate, value
+    def score_members(members: tuple[int, ...]) -> float:
+        if len(members) == 1:
+            return _score(sds[members[0]])
+        return _score(uniform_soup([sds[j] for j in sorted(members)]))
+
+    members, scores, soup_score, tried = greedy_selection(len(sds), score_members,
+                                                          higher_is_better=higher_is_better)
+    soup = (uniform_soup([sds[j] for j in sorted(members)]) if len(members) > 1
+            else {k: v.clone() for k, v in sds[members[0]].items()})
     return GreedySoupResult(soup, tuple(members), tuple(scores), soup_score, tuple(tried))
 
 

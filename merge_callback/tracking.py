@@ -1,16 +1,16 @@
-"""The one place that talks to experiment trackers (Lightning loggers, Weights & Biases).
+"""What a round reports: its scalars, and its curves for Weights & Biases (no framework import).
 
 ``wandb`` is imported lazily, only when a W&B logger or run is present.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from merge_callback.engine import RoundResult
 
-__all__ = ["round_scalars", "require_wandb", "log_round_to_loggers", "log_round_to_wandb_run"]
+__all__ = ["round_scalars", "require_wandb", "log_round_to_wandb_run"]
 
 
 def round_scalars(result: RoundResult) -> dict[str, float]:
@@ -57,17 +57,3 @@ def log_round_to_wandb_run(run: Any, result: RoundResult, history: Sequence[tupl
     if step_key:
         payload[step_key] = result.step
     run.log(payload)
-
-
-def log_round_to_loggers(loggers: Iterable[Any], result: RoundResult,
-                         history: Sequence[tuple[int, float]]) -> None:
-    """Send the round's scalars to every Lightning logger at the checkpoint's step, and the curve
-    to W&B loggers. Lightning loggers log on rank zero only."""
-    scalars = round_scalars(result)
-    for logger in loggers:
-        logger.log_metrics(scalars, step=result.step)
-        if type(logger).__name__ == "WandbLogger":
-            from lightning.pytorch.utilities import rank_zero_only
-
-            if rank_zero_only.rank == 0:
-                log_round_to_wandb_run(logger.experiment, result, history)

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from lightning_helpers import loaders, module  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
-from merge_callback.fsdp import ShardedSnapshot, write_any_soup  # noqa: E402
+from merge_callback.engine import ChosenSoup, ShardedSnapshot, pairwise_family  # noqa: E402
 from merge_callback.lm import CausalLMModule  # noqa: E402
 
 
@@ -41,11 +41,19 @@ class ShardedMergeCallback(BayesMergeCallback):
     def mode(self):
         return self._mode
 
-    def _round(self, trainer, pl_module):
-        previous, latest = self._previous_save(), self._ring[-1]
-        result = super()._round(trainer, pl_module)
-        self.last_round = (previous, latest, result)
-        return result
+    def _runtime(self, trainer, pl_module):
+        rt = super()._runtime(trainer, pl_module)
+        write = rt.write
+
+        def keep(soup):
+            prev = soup.sources["previous"]  # a copy: the written soup may be built inside it
+            prev = ShardedSnapshot({k: v.clone() for k, v in prev.tensors.items()}, prev.step,
+                                   prev.layouts)
+            self.last_round = (prev, soup.sources["latest"], soup.result, soup.target)
+            write(soup)
+
+        rt.write = keep
+        return rt
 
 
 def fit(out: Path, callbacks) -> L.Trainer:
@@ -69,13 +77,15 @@ def main(out: Path) -> None:
     _, heldout = loaders()
     cb = ShardedMergeCallback(heldout=heldout, budget=3)
     trainer = fit(out / "merge", [cb])
-    prev = cb._ring[-1]
+    prev = cb.schedule.ring[-1]
     full_bytes = sum(torch.Size(layout.shape).numel() * prev.tensors[k].element_size()
                      for k, layout in prev.layouts.items())
-    previous, latest, result = cb.last_round
+    previous, latest, result, target = cb.last_round
     # a soup at a fixed lambda < 1, written shard-locally by both ranks
-    write_any_soup(out / "fixed", "soup", previous, latest, dataclasses.replace(result, lam=0.7),
-                   is_global_zero=trainer.is_global_zero)
+    soup = ChosenSoup(dataclasses.replace(result, lam=0.7),
+                      pairwise_family("previous", "latest", 0.5),
+                      {"previous": previous, "latest": latest}, target)
+    soup.write_files(out / "fixed", "soup", is_writer=trainer.is_global_zero)
     record = {"history": cb.history, "observations": [list(o) for o in result.observations], "world_size": trainer.world_size, "mode": cb.mode,
               "sharded_snapshot": isinstance(prev, ShardedSnapshot),
               "snapshot_bytes": prev.nbytes, "full_bytes": full_bytes,

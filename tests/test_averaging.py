@@ -6,9 +6,10 @@ from safetensors.torch import load_file
 
 from lightning_helpers import loaders, module
 from merge_callback import BayesMergeCallback
-from merge_callback.averaging import (EmaTrack, combine, ema_family, geometric_family,
-                                      pairwise_family, run_averaging_round)
-from merge_callback.engine import RoundConfig, Snapshot, run_round
+from merge_callback.engine import (EmaTrack, RoundConfig, Snapshot, build_soup, ema_family,
+                                   geometric_family, pairwise_family, run_round)
+from merge_callback.merge import lerp_state_dicts
+from merge_callback.search import search_lambda
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
 from test_lightning import assert_same_tensors, run
 
@@ -26,7 +27,12 @@ def test_combine_matches_definitions():
     g = torch.Generator().manual_seed(0)
     src = {n: {"w": torch.randn(4, 3, generator=g), "n": torch.tensor(i)}
            for i, n in enumerate(["a", "b", "latest"])}
+    snaps = {n: Snapshot(sd, 0) for n, sd in src.items()}
     lat = src["latest"]
+
+    def combine(family, t, *_):
+        return build_soup(snaps, family, t)
+
     out = combine(pairwise_family("b", "latest", 0.5), 0.7, src, lat)
     assert torch.equal(out["w"], torch.lerp(src["b"]["w"], lat["w"], 0.7))
     assert out["n"].item() == 2
@@ -66,11 +72,21 @@ def test_pairwise_family_agrees_with_the_paper_round(tiny_neox):
         for p in tiny_neox.parameters():
             p.add_(0.05 * torch.randn_like(p))
     latest = Snapshot.capture(tiny_neox, 20)
-    paper = run_round(tiny_neox, prev, latest, ev, RoundConfig(budget=6, strategy="grid"),
-                      value_previous=1.0)
-    avg = run_averaging_round(tiny_neox, {"previous": prev, "latest": latest}, "latest",
-                              [pairwise_family("previous", "latest", 0.5)], ev, budget=6,
-                              strategy="grid")
+    # the paper's round, written out: the lerp of the two state dicts loaded into a copy
+    import copy
+
+    other = copy.deepcopy(tiny_neox)
+
+    def objective(lam):
+        other.load_state_dict(lerp_state_dicts(prev.tensors, latest.tensors, lam))
+        return ev(other)
+
+    paper = search_lambda(objective, alpha=0.5, budget=6, strategy="grid")
+    avg = run_round(tiny_neox, {"previous": prev, "latest": latest},
+                    [pairwise_family("previous", "latest", 0.5)], ev,
+                    RoundConfig(budget=6, strategy="grid"), value_previous=1.0)
+    paper = type("Paper", (), {"lam": paper.lam, "value_soup": paper.value,
+                               "observations": paper.observations})
     assert avg.lam == paper.lam and avg.value_soup == paper.value_soup
     assert sorted(avg.observations) == sorted(paper.observations)
     assert_same_tensors(tiny_neox.state_dict(), latest.tensors)  # restored exactly
@@ -95,16 +111,16 @@ AVG = dict(budget=6, history=4, snapshot_every=5, ema_decays=(0.8, 0.95))
 def test_averaging_round_writes_what_it_evaluated(tmp_path):
     cb = BayesMergeCallback(heldout=loaders()[1], **AVG)
     ring_sizes = []
-    orig_push = cb._push
+    orig_push = cb.schedule._push
 
     def spy(snap):
         orig_push(snap)
-        ring_sizes.append(len(cb._ring))
+        ring_sizes.append(len(cb.schedule.ring))
 
-    cb._push = spy
+    cb.schedule._push = spy
     run(tmp_path, cb)
     assert max(ring_sizes) == 4  # never more than `history` snapshots on the host
-    assert len(cb._ring) == 3  # history - 1 between saves
+    assert len(cb.schedule.ring) == 3  # history - 1 between saves
     soups = tmp_path / "ckpt" / "soups"
     for h in cb.history:
         info = json.loads((soups / f"soup-step={h['step']}.json").read_text())

@@ -146,6 +146,8 @@ def test_help_of_every_command(capsys):
                  "--print_config", "cmaes", "greedy"):
         assert flag in text, flag
     assert re.search(r"--budget N .*?\(default:\s+10\)", text, re.DOTALL)
+    assert re.search(r"--max_batches N .*?'all': the whole file.*?\(default:\s+20\)", text,
+                     re.DOTALL)
     assert cli.main(["sweep", "--help"]) == 0
     assert "--points" in capsys.readouterr().out
     assert cli.main(["heatmap", "--help"]) == 0
@@ -327,18 +329,37 @@ def test_lightning_ckpts_evaluation_needs_model(ws, lightning_ckpts):
 
 
 def test_lightning_ckpts_with_model(ws, lightning_ckpts):
+    """.ckpt in, --model given: the soup is a Hugging Face folder that from_pretrained loads, with
+    exactly the weighted average of the LightningModule's weights ('model.' prefix removed)."""
     from merge_callback.lm import CausalLMModule
 
+    before = [_digest(p) for p in lightning_ckpts]
     out = ws["root"] / "lit-eval"
     rec = run(["merge", *map(str, lightning_ckpts), "--heldout", str(ws["root"] / "heldout.txt"),
                "--model", str(ws["hf"][0]), "--budget", "3", "--out", str(out), *EVAL])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "merge.json"} <= \
+        {p.name for p in out.iterdir()}
+    soup = AutoModelForCausalLM.from_pretrained(out)
+    assert _loss(soup, ws) == rec["value"]
+    sds = [torch.load(p, weights_only=True)["state_dict"] for p in lightning_ckpts]
+    expected = weighted_average(sds, rec["weights"])
     module = CausalLMModule(_neox(0))
-    module.load_state_dict(load_file(str(out / "model.safetensors")))  # strict: every key fits
-    assert _loss(module, ws) == rec["value"]
+    module.load_state_dict(expected)
+    got = soup.state_dict()
+    assert set(got) == set(module.model.state_dict())
+    assert all(torch.equal(got[k], module.model.state_dict()[k]) for k in got)
     # the latest checkpoint alone scores what Lightning's weights score
     latest = CausalLMModule(_neox(0))
-    latest.load_state_dict(torch.load(lightning_ckpts[-1], weights_only=True)["state_dict"])
+    latest.load_state_dict(sds[-1])
     assert rec["baselines"]["epoch=0-step=4"] == _loss(latest, ws)
+    # fixed weights, no held-out data: still a loadable folder
+    out2 = ws["root"] / "lit-fixed-hf"
+    run(["merge", *map(str, lightning_ckpts), "--weights", "0.25,0.75", "--model",
+         str(ws["hf"][0]), "--out", str(out2), "--quiet"])
+    soup2 = AutoModelForCausalLM.from_pretrained(out2)
+    module.load_state_dict(weighted_average(sds, [0.25, 0.75]))
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in soup2.state_dict().items())
+    assert [_digest(p) for p in lightning_ckpts] == before
 
 
 def test_safetensors_files_with_model(ws):
@@ -353,7 +374,10 @@ def test_safetensors_files_with_model(ws):
                      *common])
     via_folders = run(["merge", str(a), str(b), "--out", str(r / "st2"), *common])
     assert via_files["value"] == via_folders["value"]
-    assert sorted(p.name for p in (r / "st1").iterdir()) == ["merge.json", "model.safetensors"]
+    assert {"config.json", "merge.json", "model.safetensors"} <= \
+        {p.name for p in (r / "st1").iterdir()}
+    st1 = AutoModelForCausalLM.from_pretrained(r / "st1")
+    assert _loss(st1, ws) == via_files["value"]
     # module key space (lm_head), e.g. save_file(model.state_dict())
     sd_files = []
     for i, folder in enumerate((a, b)):
@@ -381,11 +405,30 @@ def test_explicit_key_prefix(ws):
     ref = run(["merge", str(a), str(b), "--weights", "0.4,0.6", "--heldout",
                str(r / "heldout.txt"), "--out", str(r / "net-ref"), *EVAL])
     assert rec["value"] == ref["value"]
-    assert all(k.startswith("net.") for k in load_file(str(r / "net" / "model.safetensors")))
+    assert not any(k.startswith("net.") for k in load_file(str(r / "net" / "model.safetensors")))
+    got, ref_sd = (load_file(str(r / d / "model.safetensors")) for d in ("net", "net-ref"))
+    assert set(got) == set(ref_sd) and all(torch.equal(got[k], ref_sd[k]) for k in got)
     with pytest.raises(CLIError, match="do not fit --model .*match no tensor .*prefix 'model.'"):
         run(["merge", *map(str, files), "--key_prefix", "model.", "--out", str(r / "never-net"),
              *common])
     assert not (r / "never-net").exists()
+    # --key_prefix auto finds 'net.' (a prefix every file name has and no model name has)
+    auto = run(["merge", *map(str, files), "--out", str(r / "net-auto"), *common])
+    assert auto["value"] == ref["value"]
+    got = load_file(str(r / "net-auto" / "model.safetensors"))
+    assert all(torch.equal(got[k], ref_sd[k]) for k in ref_sd)
+
+
+def test_detect_key_prefix():
+    from merge_callback.io import detect_key_prefix
+
+    own = ["gpt_neox.embed_in.weight", "lm_head.weight"]
+    assert detect_key_prefix(["model." + k for k in own], own) == "model."
+    assert detect_key_prefix(["net." + k for k in own], own) == "net."
+    assert detect_key_prefix(own, own) == ""
+    assert detect_key_prefix(["model.a", "other.b"], own) == ""
+    assert detect_key_prefix(["gpt_neox.x", "gpt_neox.y"], own) == ""  # the model has it too
+    assert detect_key_prefix([], own) == ""
 
 
 def test_pytorch_model_bin_folders_with_legacy_buffers(ws):
@@ -447,6 +490,29 @@ def test_max_batches(ws):
     soup = AutoModelForCausalLM.from_pretrained(ws["root"] / "one-batch")
     assert rec["value"] == HeldoutEvaluator(loader, resolve_metric("loss"), max_batches=1)(soup)
     assert rec["value"] != _loss(soup, ws)
+
+
+def test_default_batch_budget_and_estimate(ws, capsys):
+    """Candidates are scored on at most --max_batches batches (default 20, stated in the log
+    when it cuts a file); 'all' scores the whole file; the first evaluation gives an estimate."""
+    a, b = map(str, ws["hf"][:2])
+    n_blocks = ws["blocks"].shape[0]
+    assert parse_args(["merge", a, b]).max_batches == cli.DEFAULT_MAX_BATCHES == 20
+    assert parse_args(["merge", a, b, "--max_batches", "all"]).max_batches is None
+    base = ["merge", a, b, "--heldout", str(ws["root"] / "heldout.txt"), "--block_size", str(T),
+            "--batch_size", "1", "--budget", "3"]
+    rec = run(base + ["--max_batches", "2", "--out", str(ws["root"] / "budget-2")])
+    err = capsys.readouterr().err
+    assert rec["heldout"][0]["batches"] == 2
+    assert (f"scoring the first 2 of {n_blocks} batches of {ws['root'] / 'heldout.txt'} per "
+            "candidate (--max_batches 2; --max_batches all scores the whole file)") in err
+    assert re.search(r"evaluation 1 took \d+\.\d s \(2 batches\); the remaining 2 take about "
+                     r"\d+ s", err)
+    rec = run(base + ["--max_batches", "all", "--out", str(ws["root"] / "budget-all")])
+    assert rec["heldout"][0]["batches"] == n_blocks
+    assert "scoring the first" not in capsys.readouterr().err
+    rec = run(base + ["--out", str(ws["root"] / "budget-default")])
+    assert rec["heldout"][0]["batches"] == min(n_blocks, 20)
 
 
 # --------------------------------------------------------------------------- pilot tools
@@ -648,7 +714,10 @@ def test_progress_bar_on_a_terminal(ws, capsys, monkeypatch):
     run(["merge", a, b, "--heldout", str(ws["root"] / "heldout.txt"), "--budget", "3",
          "--block_size", str(T), "--batch_size", "2", "--out", str(ws["root"] / "bars")])
     err = capsys.readouterr().err
-    assert "eval 1/3" in err and "eval 3/3" in err and "\r" in err  # one bar per evaluation
+    per_eval = -(-ws["blocks"].shape[0] // 2)
+    # one bar over the batches of all 3 evaluations, with elapsed<remaining time
+    assert "eval 1/3" in err and "eval 3/3" in err and "\r" in err
+    assert re.search(rf"eval 3/3: 100%.*\b{3 * per_eval}/{3 * per_eval} \[\d\d:\d\d<\d\d:\d\d", err)
     assert "[3/3] λ=" in err
 
 

@@ -10,13 +10,12 @@ from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPSt
 from safetensors.torch import load_file
 
 from lightning_helpers import loaders, module
-from merge_callback.engine import RoundResult, Snapshot
+from merge_callback.engine import (ChosenSoup, RoundResult, ShardedSnapshot, Snapshot,
+                                   capture_snapshot, is_sharded, pairwise_family)
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
-from merge_callback.fsdp import (SHARDED_FORMAT, BalancedHeldoutEvaluator, ShardedSnapshot,
-                                 UnsupportedStrategyError, capture_snapshot,
-                                 check_strategy_supported, consolidate_sharded_soup, is_sharded,
-                                 main, read_sharded_soup, write_any_soup, write_sharded_soup)
-from merge_callback.io import load_state_dict
+from merge_callback.fsdp import main
+from merge_callback.lightning import UnsupportedStrategyError, check_strategy_supported
+from merge_callback.io.soups import SHARDED_FORMAT, consolidate_sharded_soup, read_sharded_soup
 from merge_callback.merge import lerp_state_dicts
 from test_ddp import launch
 
@@ -86,6 +85,22 @@ def test_tensor_parallel_is_refused(tp):
 
 
 # ----------------------------------------------------------------------------- one process
+
+class BalancedHeldoutEvaluator(HeldoutEvaluator):
+    balanced = True
+
+
+def write_any_soup(soup_dir, stem, previous, latest, result, *, is_global_zero=True):
+    """The pairwise soup at ``result.lam`` written the way the snapshots call for."""
+    soup = ChosenSoup(result, pairwise_family("previous", "latest", 0.5),
+                      {"previous": previous, "latest": latest})
+    return soup.write_files(soup_dir, stem, is_writer=is_global_zero)
+
+
+def write_sharded_soup(soup_dir, stem, previous, latest, result):
+    assert isinstance(latest, ShardedSnapshot)
+    return write_any_soup(soup_dir, stem, previous, latest, result)
+
 
 def _result(lam: float, step: int = 2) -> RoundResult:
     return RoundResult(step=step, previous_step=step - 1, lam=lam, value_soup=1.0,

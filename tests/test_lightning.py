@@ -175,7 +175,9 @@ def test_nan_metric_and_empty_heldout_write_nothing(tmp_path):
         run(tmp_path / "nan", cb)
     assert not (tmp_path / "nan" / "ckpt" / "soups").exists()
 
-    with pytest.warns(UserWarning, match=r"EmptyHeldoutError: the held-out data yielded no batches"):
+    # found before training (pre-flight): one warning, rounds disabled
+    with pytest.warns(UserWarning, match=r"heldout yields no batches; pass non-empty held-out "
+                                         r"data; merge rounds are disabled for this run"):
         run(tmp_path / "empty", BayesMergeCallback(heldout=[]))
     assert not (tmp_path / "empty" / "ckpt" / "soups").exists()
 

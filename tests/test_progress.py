@@ -82,30 +82,29 @@ class ProgressMergeCallback(BayesMergeCallback):
         self.seen = []
         self.rich_descriptions = []
 
-    def _round(self, trainer, pl_module):
-        import merge_callback.lightning as lightning_module
-
-        original = lightning_module.RoundProgress
+    def _runtime(self, trainer, pl_module):
+        rt = super()._runtime(trainer, pl_module)
+        make = rt.progress
         cb = self
 
-        class Recording(original):
-            @classmethod
-            def for_trainer(klass, trainer):
-                p = original.for_trainer.__func__(klass, trainer)
-                cb.seen.append(p)
-                return p
+        def recording(*args):
+            p = make(*args)
+            cb.seen.append(p)
+            call = p.__call__
 
-            def __call__(self, lam, value):
-                super().__call__(lam, value)
-                bar = trainer.progress_bar_callback
-                if isinstance(bar, RichProgressBar) and bar.progress is not None:
-                    cb.rich_descriptions.append([t.description for t in bar.progress.tasks])
+            class Recording(type(p)):
+                def __call__(self, lam, value):
+                    call(lam, value)
+                    bar = trainer.progress_bar_callback
+                    if isinstance(bar, RichProgressBar) and bar.progress is not None:
+                        cb.rich_descriptions.append([t.description for t in bar.progress.tasks])
 
-        lightning_module.RoundProgress = Recording
-        try:
-            return super()._round(trainer, pl_module)
-        finally:
-            lightning_module.RoundProgress = original
+            p.__class__ = Recording
+            return p
+
+        if make is not None:
+            rt.progress = recording
+        return rt
 
 
 def _fit(tmp_path, *bars, enable_progress_bar=False):

@@ -10,7 +10,8 @@ from torch import nn
 from lightning_helpers import loaders
 from merge_callback import BayesMergeCallback
 from merge_callback.engine import Snapshot, soup_from_live, soup_state_dict
-from merge_callback.hf import MergeSchedule
+from merge_callback.engine import MergeSchedule, RoundConfig, Runtime
+from merge_callback.evaluate import resolve_metric
 from merge_callback.merge import lerp_tensors_
 from test_averaging import AVG
 from test_lightning import assert_same_tensors, ckpt_files, run
@@ -147,7 +148,7 @@ def test_recycled_buffers_give_the_same_soups_pairwise(tmp_path, recycle):
 def test_recycled_buffers_give_the_same_averaging_rounds(tmp_path, monkeypatch, kwargs, expected):
     plain = BayesMergeCallback(heldout=loaders()[1], **kwargs)
     run(tmp_path / "plain", plain, max_steps=40)
-    assert plain._spare is None  # CPU snapshots are not kept once dropped
+    assert plain.schedule.spare is None  # CPU snapshots are not kept once dropped
 
     reused = force_recycling(monkeypatch)
     recycled = BayesMergeCallback(heldout=loaders()[1], **kwargs)
@@ -162,15 +163,19 @@ def test_recycled_buffers_give_the_same_averaging_rounds(tmp_path, monkeypatch, 
         assert_same_tensors(load_file(str(a)), load_file(str(b)))
 
 
-def test_hf_schedule_recycles_the_previous_snapshot(recycle):
+def test_schedule_recycles_the_previous_snapshot(recycle):
     m = nn.Linear(4, 3)
-    sched = MergeSchedule()
+    sched = MergeSchedule(RoundConfig(budget=3), resolve_metric("loss"), on_error="raise")
     pairs = []
 
-    def round_fn(previous, latest, value_previous):
+    def evaluate(module):
+        sources, _ = sched.sources_and_families()
+        previous, latest = sources["previous"], sources["latest"]
         pairs.append((previous.step, latest.step, previous.tensors["weight"].clone(),
                       latest.tensors["weight"].clone()))
         raise RuntimeError("round failed")  # the schedule advances and recycles anyway
+
+    rt = Runtime(module=m, evaluate=evaluate)
 
     weights = {}
     for step in (10, 20, 30):
@@ -178,15 +183,15 @@ def test_hf_schedule_recycles_the_previous_snapshot(recycle):
             m.weight.fill_(float(step))
         weights[step] = m.weight.detach().clone()
         if step == 10:
-            assert sched.on_save(m, step, round_fn) is None
+            assert sched.on_save(step, rt) is None
         else:
             with pytest.raises(RuntimeError, match="round failed"):
-                sched.on_save(m, step, round_fn)
+                sched.on_save(step, rt)
     assert recycle == [(10, 30)]
     assert [(p, q) for p, q, _, _ in pairs] == [(10, 20), (20, 30)]
     for p, q, a, b in pairs:
         assert torch.equal(a, weights[p]) and torch.equal(b, weights[q])
-    assert torch.equal(sched.previous.tensors["weight"], weights[30])
+    assert torch.equal(sched.last_save.tensors["weight"], weights[30])
 
 
 def test_soup_writer_copies_tied_tensors_only(tmp_path, monkeypatch):

@@ -1,8 +1,14 @@
-"""Checkpoint reading and atomic soup writing.
+"""Atomic writes, and the removal of what a killed write left behind.
 
 Soups are written to a temporary name in the destination folder, flushed to disk and moved into
 place with ``os.replace``, so a reader sees either the previous file or the complete new one, never a
 partial file. Training checkpoints are only ever opened for reading.
+
+Temporary names carry the writer's process id: ``.<name>.tmp-<pid>`` (files),
+``.<name>.tmp-<pid>-<random>`` (folders) and ``.<name>.old-<pid>`` (a folder being replaced). A
+write killed half-way (``SIGKILL``, power loss) leaves such a name behind;
+:func:`remove_stale_temporaries` removes those whose process is no longer alive, and puts a
+replaced folder back when its replacement never arrived.
 """
 
 from __future__ import annotations
@@ -10,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 __all__ = [
@@ -24,10 +30,15 @@ __all__ = [
     "atomic_write_json",
     "save_safetensors_atomic",
     "atomic_directory",
-    "load_state_dict",
-    "lightning_state_dict",
     "json_safe",
+    "TEMPORARY_NAME",
+    "temporary_owner",
+    "remove_stale_temporaries",
 ]
+
+#: temporaries this package creates: ``.<name>.tmp-<pid>[-<random>]`` and ``.<name>.old-<pid>``
+TEMPORARY_NAME = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)(?:-[A-Za-z0-9_]+)?$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,15 +58,98 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def temporary_owner(name: str) -> int | None:
+    """The process id in a temporary name this package creates, or ``None`` for any other name.
+
+    Example:
+        >>> temporary_owner(".soup-step=100.safetensors.tmp-4242")
+        4242
+        >>> temporary_owner("soup-step=100.safetensors") is None
+        True
+    """
+    m = TEMPORARY_NAME.match(name)
+    return int(m.group("pid")) if m else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove what killed writes left in ``directory``; return the paths removed (or restored).
+
+    Only names this package creates are touched (:data:`TEMPORARY_NAME`), and only when the process
+    id in the name is not a running process on this machine, so a write in progress (this process
+    or another) is left alone. A folder moved aside for replacement (``.<name>.old-<pid>``) whose
+    replacement never arrived (``<name>`` is missing) is moved back to ``<name>``, not removed.
+    A missing ``directory`` is not an error (nothing to clean).
+
+    Args:
+        directory: the folder soups (or other outputs) are written to.
+
+    Returns:
+        the temporary paths that were removed or moved back, sorted.
+
+    Raises:
+        OSError: a stale temporary exists but cannot be removed (e.g. no permission).
+    """
+    d = Path(directory)
+    try:
+        entries = list(os.scandir(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    done: list[Path] = []
+    # restore replaced folders first, then drop the rest
+    for e in sorted(entries, key=lambda e: TEMPORARY_NAME.match(e.name) is None
+                    or TEMPORARY_NAME.match(e.name).group("kind") != "old"):
+        m = TEMPORARY_NAME.match(e.name)
+        if m is None or _pid_alive(int(m.group("pid"))):
+            continue
+        path = d / e.name
+        final = d / m.group("name")
+        if m.group("kind") == "old" and not os.path.lexists(final):
+            os.replace(path, final)
+        elif e.is_dir(follow_symlinks=False):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        done.append(path)
+    if done:
+        _fsync_dir(d)
+    return sorted(done)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
+
+    return _publish(path, write)
+
+
+def _publish(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a temporary name beside ``path``, flush it to disk, move it into place
+    with ``os.replace`` and flush the folder; the temporary is gone whatever happens."""
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -108,17 +202,7 @@ def save_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Tenso
             out[keys[i]] = t.clone()
         else:
             reach = t.data_ptr() + nbytes
-    tmp = _tmp_path(path)
-    try:
-        save_file(out, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+    return _publish(path, lambda tmp: save_file(out, str(tmp), metadata=meta))
 
 
 class atomic_directory:
@@ -138,7 +222,8 @@ class atomic_directory:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-",
+                                         dir=self.path.parent))
         # mkdtemp makes the folder private (0700); publish it like a folder made by mkdir
         umask = os.umask(0)
         os.umask(umask)
@@ -159,56 +244,3 @@ class atomic_directory:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
-
-
-def lightning_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The model ``state_dict`` stored in a loaded Lightning checkpoint dict."""
-    if "state_dict" not in checkpoint:
-        raise ValueError("not a Lightning checkpoint: no 'state_dict' entry (keys: "
-                         f"{', '.join(list(checkpoint)[:8])})")
-    return dict(checkpoint["state_dict"])
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read model tensors from a Lightning ``.ckpt``, a ``.safetensors`` file, a ``.bin``/``.pt``
-    state dict, or a Hugging Face folder (``model.safetensors`` or a sharded index).
-
-    Files are opened read-only; ``torch.load`` runs with ``weights_only=True``.
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: the format is not one of the above.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        single = path / "model.safetensors"
-        index = path / "model.safetensors.index.json"
-        if single.exists():
-            return load_state_dict(single)
-        if index.exists():
-            from safetensors.torch import load_file
-
-            weight_map = json.loads(index.read_text())["weight_map"]
-            out: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                out.update(load_file(str(path / shard)))
-            return {k: out[k] for k in weight_map}
-        raise ValueError(f"folder {path} holds no model.safetensors or "
-                         "model.safetensors.index.json (a Hugging Face checkpoint folder)")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and "state_dict" in obj:
-            return lightning_state_dict(obj)
-        if isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values()):
-            return dict(obj)
-        raise ValueError(f"{path} holds no state dict (expected a Lightning checkpoint or a "
-                         "mapping of tensors)")
-    raise ValueError(f"unsupported checkpoint {path}: expected a Lightning .ckpt, .safetensors, "
-                     ".pt/.pth/.bin state dict, or a Hugging Face folder")

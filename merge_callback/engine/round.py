@@ -1,0 +1,366 @@
+"""One merge round, independent of the training framework: ``run_round`` and the soup it chose.
+
+A round takes host snapshots (*sources*: the latest weights, the previous checkpoint, recent
+snapshots, EMA tracks) and averaging *families* over them, searches on a held-out evaluator by
+writing each candidate *into the live module in place*, and always restores the live weights
+bitwise from the latest snapshot before returning, also when the search raises. The paper's
+pairwise soup is the one-family case. :func:`build_soup` then computes the chosen soup's tensors
+(where it was scored, with the same kernel); writing and logging happen elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from merge_callback.engine.families import (Family, combine_into_, live_targets, pairwise_family,
+                                            stage_on_devices)
+from merge_callback.engine.snapshot import Snapshot
+from merge_callback.merge import check_compatible, is_mergeable
+from merge_callback.search import search_interval, validate_search_args
+
+__all__ = ["MergeRoundError", "RoundConfig", "RoundResult", "run_round", "build_soup",
+           "soup_state_dict", "soup_from_live"]
+
+
+class MergeRoundError(RuntimeError):
+    """A merge round failed; the live weights were restored and no soup was written."""
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Search settings for a round (validated on construction)."""
+
+    alpha: float = 0.5
+    budget: int = 10
+    strategy: str = "bayes"
+    acq_func: str = "gp_hedge"
+    seed: int = 0
+    warm_start: bool = False
+    stop_tol: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_search_args(self.alpha, self.budget, self.strategy, self.acq_func)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"warm_start must be True or False, got {self.warm_start!r}")
+        if self.stop_tol is not None:
+            if isinstance(self.stop_tol, bool) or not isinstance(self.stop_tol, (int, float)) \
+                    or not self.stop_tol > 0:
+                raise ValueError(f"stop_tol must be a positive number or None, got "
+                                 f"{self.stop_tol!r}")
+            if self.strategy != "bayes":
+                raise ValueError(f"stop_tol needs strategy='bayes', got strategy="
+                                 f"{self.strategy!r}")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round decided (plain Python values, JSON-ready via :meth:`to_json`).
+
+    ``lam`` is the weight of the latest weights in the chosen soup. Rounds over several families
+    add ``extras``: ``family``, ``param``, ``inputs`` (source names and steps), ``weights`` and
+    ``candidates`` (every evaluation as ``{"family", "param", "value"}`` in order).
+    """
+
+    step: int
+    previous_step: int
+    lam: float
+    value_soup: float
+    value_latest: float
+    value_previous: float
+    observations: tuple[tuple[float, float], ...]
+    metric: str
+    higher_is_better: bool
+    alpha: float
+    budget: int
+    strategy: str
+    acq_func: str | None
+    seconds: float
+    extra_evaluations: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def gain(self) -> float:
+        """Improvement of the soup over the latest weights (positive = better)."""
+        diff = self.value_soup - self.value_latest
+        return diff if self.higher_is_better else -diff
+
+    @property
+    def family(self) -> str:
+        """The family of the chosen soup (``"pairwise"`` for the paper's round)."""
+        return self.extras.get("family", "pairwise")
+
+    @property
+    def param(self) -> float:
+        """The chosen soup's parameter within its family (λ for the pairwise family)."""
+        return self.extras.get("param", self.lam)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["lambda"] = d.pop("lam")
+        d["observations"] = [list(o) for o in self.observations]
+        extras = d.pop("extras")
+        d.update(extras)
+        return d
+
+
+def _refresh(view: nn.Module) -> None:
+    refresh = getattr(view, "refresh", None)
+    if refresh is not None:
+        refresh()
+
+
+def run_round(module: nn.Module, sources: Mapping[str, Snapshot], families: Sequence[Family],
+              evaluate: Callable[[nn.Module], float], config: RoundConfig, *,
+              latest: str = "latest", previous: str | None = "previous", metric: str = "loss",
+              higher_is_better: bool = False, value_previous: float | None = None,
+              initial: Mapping[str, float] | None = None,
+              on_evaluation: Callable[[float, float], None] | None = None,
+              view: nn.Module | None = None) -> RoundResult:
+    """Choose the best average among ``families`` with at most ``config.budget`` evaluations.
+
+    With one family (the paper's pairwise soup) λ is searched on ``[family.lo, family.hi]``
+    (α and 1 first). With several, the budget is shared: the latest weights, then one far-end
+    point ("anchor") per family, then a 1-D search inside the family whose anchor did best.
+
+    Args:
+        module: the live module, called by ``evaluate``; it must hold ``sources[latest]`` on entry
+            and holds it again, bitwise, on return (also when an exception propagates).
+        sources: name -> host snapshot; ``families`` refer to these names.
+        families: the candidates; the first must contain the latest weights (all do).
+        evaluate: ``module -> metric value`` on the held-out data.
+        config: search settings; the round's seed is ``config.seed + step of the latest``.
+        latest, previous: the names of the latest weights and of the previous checkpoint
+            (``previous=None``: there is none to score).
+        metric, higher_is_better: recorded in the result; ``higher_is_better`` steers the search.
+        value_previous: the previous weights' metric if known (from the last round); otherwise
+            the previous checkpoint is evaluated once, outside the budget.
+        initial: ``{family name: parameter}`` evaluated early in that family's search (the last
+            round's choice; used when ``config.warm_start``).
+        on_evaluation: called with ``(parameter, value)`` after each evaluation (progress).
+        view: the module whose ``state_dict()`` holds the tensors to write candidates into (a
+            :class:`~merge_callback.engine.sharded.ShardLocalView` for sharded models; its
+            ``refresh()`` runs before each evaluation and after the restore); default ``module``.
+
+    Raises:
+        MergeRoundError: incompatible sources, or a NaN/inf metric value; weights restored.
+    """
+    t0 = time.perf_counter()
+    view = module if view is None else view
+    latest_snap = sources[latest]
+    step = latest_snap.step
+    try:
+        for name, snap in sources.items():
+            if name != latest:
+                check_compatible(snap.tensors, latest_snap.tensors, (name, latest))
+        targets = live_targets(view, latest_snap.tensors)
+    except ValueError as e:
+        prev_step = sources[previous].step if previous in sources else step
+        raise MergeRoundError(f"cannot merge step {prev_step} with step {step}: {e}") from e
+    keys = [k for k, _ in targets]
+    live = [t for _, t in targets]
+    names = list(sources)
+    staged = dict(zip(names, stage_on_devices(live, [[sources[n].tensors[k] for k in keys]
+                                                     for n in names])))
+    seed = (config.seed + step) % (2**31)
+    initial = dict(initial or {}) if config.warm_start else {}
+
+    def load(family: Family, t: float) -> float:
+        combine_into_(live, [staged[n] for n in family.sources], family.weights(t),
+                      family.kind == "lerp")
+        _refresh(view)
+        value = float(evaluate(module))
+        if on_evaluation is not None:
+            on_evaluation(t, value)
+        return value
+
+    try:
+        if len(families) == 1:
+            return _one_family(families[0], load, config, seed, t0, step=step,
+                               previous_step=sources[previous].step if previous else step,
+                               metric=metric, higher_is_better=higher_is_better,
+                               value_previous=value_previous, initial=initial)
+        return _several_families(families, load, config, seed, t0, sources, latest, previous,
+                                 metric=metric, higher_is_better=higher_is_better,
+                                 value_previous=value_previous, initial=initial)
+    except FloatingPointError as e:
+        raise MergeRoundError(f"merge round at step {step}: {e}; no soup was written") from e
+    finally:
+        combine_into_(live, [staged[latest]], (1.0,), False)  # exact restore: copies the latest
+        _refresh(view)
+
+
+def _one_family(family: Family, load: Callable[[Family, float], float], config: RoundConfig,
+                seed: int, t0: float, *, step: int, previous_step: int, metric: str,
+                higher_is_better: bool, value_previous: float | None,
+                initial: Mapping[str, float]) -> RoundResult:
+    """The paper's round: λ on ``[lo, hi]`` of one family; the previous weights scored if unknown."""
+    init = (initial[family.name],) if family.name in initial else ()
+    result = search_interval(lambda t: load(family, t), family.lo, family.hi,
+                             budget=config.budget, strategy=config.strategy,
+                             acq_func=config.acq_func, seed=seed,
+                             higher_is_better=higher_is_better, initial=init,
+                             stop_tol=config.stop_tol)
+    extra = 0
+    if value_previous is None:
+        value_previous = load(family, 0.0)
+        extra = 1
+        if not math.isfinite(value_previous):
+            raise FloatingPointError(f"held-out metric is {value_previous} at lambda=0")
+    return RoundResult(
+        step=step, previous_step=previous_step, lam=result.lam, value_soup=result.value,
+        value_latest=result.value_at(family.latest_at), value_previous=float(value_previous),
+        observations=result.observations, metric=metric, higher_is_better=higher_is_better,
+        alpha=config.alpha, budget=config.budget, strategy=config.strategy,
+        acq_func=result.acq_func, seconds=time.perf_counter() - t0, extra_evaluations=extra)
+
+
+def _several_families(families: Sequence[Family], load: Callable[[Family, float], float],
+                      config: RoundConfig, seed: int, t0: float,
+                      sources: Mapping[str, Snapshot], latest: str, previous: str | None, *,
+                      metric: str, higher_is_better: bool, value_previous: float | None,
+                      initial: Mapping[str, float]) -> RoundResult:
+    budget = config.budget
+    sign = -1.0 if higher_is_better else 1.0
+    candidates: list[dict] = []
+    cache: dict[tuple, float] = {}
+
+    def evaluate_weights(family: Family, t: float) -> float:
+        w = family.weights(t)
+        active = tuple((n, round(x, 12)) for n, x in zip(family.sources, w) if x != 0.0)
+        if active == ((latest, 1.0),):
+            active = ("latest",)
+        if active not in cache:
+            value = load(family, t)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"held-out metric is {value} for {family.name} at {t:.6g}")
+            cache[active] = value
+        candidates.append({"family": family.name, "param": float(t), "value": cache[active]})
+        return cache[active]
+
+    value_latest = evaluate_weights(families[0], families[0].latest_at)
+    anchors: list[tuple[float, Family]] = []
+    for fam in families:
+        if len(cache) >= budget:
+            break
+        anchors.append((sign * evaluate_weights(fam, fam.anchor), fam))
+    per_family: dict[str, dict[float, float]] = {f.name: {f.latest_at: value_latest}
+                                                 for f in families}
+    for score, fam in anchors:
+        per_family[fam.name][fam.anchor] = sign * score
+    if anchors and len(cache) < budget:
+        best_fam = min(anchors, key=lambda a: a[0])[1]
+        known = per_family[best_fam.name]
+        init = (initial[best_fam.name],) if best_fam.name in initial else ()
+        search_interval(lambda t: evaluate_weights(best_fam, t), best_fam.lo, best_fam.hi,
+                        budget=len(known) + budget - len(cache), strategy=config.strategy,
+                        acq_func=config.acq_func, seed=seed, higher_is_better=higher_is_better,
+                        known=known, initial=init, stop_tol=config.stop_tol)
+    if value_previous is None and previous is not None:
+        fam = next(f for f in families if f.name == "pairwise")
+        value_previous = evaluate_weights(fam, 0.0)
+        candidates.pop()
+    fam_by_name = {f.name: f for f in families}
+    best = min(candidates, key=lambda c: (sign * c["value"],
+                                          -fam_by_name[c["family"]].weights(c["param"])[-1]))
+    fam = fam_by_name[best["family"]]
+    weights = fam.weights(best["param"])
+    return RoundResult(
+        step=sources[latest].step,
+        previous_step=sources[previous].step if previous else sources[latest].step,
+        lam=float(weights[-1]), value_soup=best["value"], value_latest=value_latest,
+        value_previous=float(value_previous) if value_previous is not None else math.nan,
+        observations=tuple((c["param"], c["value"]) for c in candidates
+                           if c["family"] == best["family"]),
+        metric=metric, higher_is_better=higher_is_better, alpha=config.alpha, budget=budget,
+        strategy=config.strategy, acq_func=config.acq_func if config.strategy == "bayes" else None,
+        seconds=time.perf_counter() - t0, extra_evaluations=max(0, len(cache) - budget),
+        extras={"family": fam.name, "param": best["param"],
+                "inputs": [{"name": n, "step": sources[n].step} for n in fam.sources],
+                "weights": list(weights), "candidates": candidates,
+                "evaluations": len(cache)})
+
+
+def build_soup(sources: Mapping[str, Snapshot], family: Family, t: float, *,
+               latest: str = "latest", module: nn.Module | None = None,
+               into: str | None = None) -> dict[str, Tensor]:
+    """The full state dict of ``family`` at ``t`` (all keys of the latest; non-float tensors and
+    tied keys as there).
+
+    Args:
+        module: the live module (or shard view) the round scored in, holding the latest weights.
+            When its weights are not on the CPU the soup is computed there by the same kernel as
+            when it was scored, copied back, and the live weights restored — so the soup written
+            is bitwise the soup scored (device and host kernels may round the last bit
+            differently).
+        into: build the soup inside this source's tensors (no further copy of the weights; that
+            source must not be used afterwards). Only the family's first source of a ``lerp``
+            family qualifies (it is read before it is overwritten).
+
+    Raises:
+        ValueError: ``into`` is not the first source of a ``lerp`` family.
+    """
+    if into is not None and (family.kind != "lerp" or family.sources[0] != into):
+        raise ValueError(f"a soup can be built in place only inside the first source of a lerp "
+                         f"family; {family.name} has sources {family.sources}, got into={into!r}")
+    latest_sd = sources[latest].tensors
+    if module is not None:
+        keys = [k for k, _ in live_targets(module, latest_sd)]
+    else:
+        seen: set[int] = set()
+        keys = [k for k, v in latest_sd.items()
+                if is_mergeable(v) and not (id(v) in seen or seen.add(id(v)))]
+    srcs = [[sources[n].tensors[k] for k in keys] for n in family.sources]
+    weights, lerp = family.weights(t), family.kind == "lerp"
+    dests = ([sources[into].tensors[k] for k in keys] if into is not None
+             else [torch.empty_like(latest_sd[k]) for k in keys])
+    if module is not None:
+        live = [x for _, x in live_targets(module, latest_sd)]
+        if any(x.device.type != "cpu" for x in live):
+            staged = stage_on_devices(live, srcs)  # operands where they were in the round
+            return soup_from_live(latest_sd, keys, live, dests,
+                                  lambda: combine_into_(live, staged, weights, lerp),
+                                  refresh=lambda: _refresh(module))
+    combine_into_(dests, srcs, weights, lerp)
+    by_id = {id(latest_sd[k]): d for k, d in zip(keys, dests)}
+    return {k: by_id.get(id(v), v) if is_mergeable(v) else v for k, v in latest_sd.items()}
+
+
+def soup_state_dict(previous: Snapshot, latest: Snapshot, lam: float, in_place: bool = False,
+                    module: nn.Module | None = None) -> dict[str, Tensor]:
+    """The pairwise soup ``lerp(previous, latest, lam)`` as a full state dict (see
+    :func:`build_soup`; ``in_place=True`` builds it inside ``previous``, which must not be used
+    afterwards). Bitwise ``torch.lerp``."""
+    return build_soup({"previous": previous, "latest": latest},
+                      pairwise_family("previous", "latest", 0.5), lam, module=module,
+                      into="previous" if in_place else None)
+
+
+def soup_from_live(latest: Mapping[str, Tensor], keys: list[str], live: list[Tensor],
+                   dests: list[Tensor], apply: Callable[[], None],
+                   refresh: Callable[[], None] | None = None) -> dict[str, Tensor]:
+    """Run ``apply()`` (which writes the soup into the ``live`` tensors of ``keys``), copy the
+    live tensors into the host tensors ``dests``, and restore the live tensors from the host
+    state dict ``latest`` (also on an exception; then ``refresh()``). Returns the soup's full
+    state dict (non-float tensors from ``latest``; tied keys share one tensor)."""
+    latest_t = [latest[k] for k in keys]
+    try:
+        apply()
+        with torch.no_grad():
+            for d, t in zip(dests, live):
+                d.copy_(t, non_blocking=t.is_cuda and d.is_pinned())
+        for device in {t.device for t in live if t.is_cuda}:
+            torch.cuda.current_stream(device).synchronize()
+    finally:
+        combine_into_(live, [latest_t], (1.0,), False)  # exact restore: copies the latest
+        if refresh is not None:
+            refresh()
+    by_id = {id(latest[k]): d for k, d in zip(keys, dests)}
+    return {k: by_id.get(id(t), t) if is_mergeable(t) else t for k, t in latest.items()}

@@ -1,0 +1,493 @@
+"""Everything between framework events and a round: the framework-free merge schedule.
+
+:class:`MergeSchedule` decides which weights are kept on the host (the ring of recent snapshots,
+the previous checkpoint save, EMA tracks, a recycled page-locked buffer), when a round runs, what
+the round's sources and families are, and keeps the resumable state (plain Python, plus tensors
+for the snapshots and tracks) and the error policy. The Lightning and Hugging Face adapters only
+translate their events into calls on it and supply a :class:`Runtime` (how to evaluate, agree
+across ranks, write, log and warn in that framework).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from merge_callback.engine.families import (EmaTrack, Family, combine_into_, ema_family,
+                                            geometric_family, live_targets, pairwise_family)
+from merge_callback.engine.options import (check_bool, validate_averaging_args,
+                                           validate_callback_args)
+from merge_callback.engine.round import RoundConfig, RoundResult, build_soup, run_round
+from merge_callback.engine.snapshot import (ShardedSnapshot, Snapshot, capture_nbytes,
+                                             capture_snapshot)
+from merge_callback.evaluate import (Metric, accuracy_metric, loss_metric, preserved_rng,
+                                     resolve_metric)
+from merge_callback.io import remove_stale_temporaries
+from merge_callback.preflight import (PreflightError, check_heldout, check_output_dir,
+                                      format_bytes, model_limits)
+from merge_callback.io.soups import write_sharded_soup, write_soup_files
+
+__all__ = ["STATE_VERSION", "Runtime", "ChosenSoup", "MergeSchedule", "ScheduleOwner"]
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Runtime:
+    """What a framework supplies for one event.
+
+    Attributes:
+        module: the live module the evaluator calls (holds the latest weights).
+        evaluate: ``module -> metric value`` on the held-out data (all ranks together).
+        view: the module whose ``state_dict()`` is merged into (a shard view for sharded models);
+            default ``module``.
+        broadcast: rank zero's copy of a picklable object (the round's decision).
+        write: ``write(soup)`` writes the chosen soup (a :class:`ChosenSoup`), or ``None`` to
+            write nothing; called on every rank.
+        log: ``log(result, history)`` after each round.
+        warn: reports a problem (on rank zero).
+        progress: ``progress(total, desc, family_range) -> callable(param, value)`` with a
+            ``close()``, or ``None``.
+    """
+
+    module: nn.Module
+    evaluate: Callable[[nn.Module], float]
+    view: nn.Module | None = None
+    broadcast: Callable[[Any], Any] = lambda obj: obj
+    write: Callable[[ChosenSoup], Any] | None = None
+    log: Callable[[RoundResult, list[dict]], None] | None = None
+    warn: Callable[[str], None] = lambda msg: None
+    progress: Callable[..., Any] | None = None
+
+    @property
+    def target(self) -> nn.Module:
+        """Where candidates are written: ``view`` if given, else ``module``."""
+        return self.module if self.view is None else self.view
+
+
+@dataclass
+class ChosenSoup:
+    """The soup a round chose, ready to be written in any format.
+
+    Attributes:
+        result: the round's decision.
+        family: the chosen family; ``result.param`` is its parameter.
+        sources: name -> snapshot, as in the round.
+        target: the module (or shard view) the round scored in; ``None`` builds the soup from
+            the host snapshots alone.
+        in_place_ok: the previous checkpoint's snapshot is dropped after this round, so the soup
+            may be built inside it (no further host copy of the weights).
+    """
+
+    result: RoundResult
+    family: Family
+    sources: Mapping[str, Snapshot]
+    target: nn.Module | None = None
+    in_place_ok: bool = False
+
+    @property
+    def latest(self) -> Snapshot:
+        return self.sources["latest"]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The soup's full state dict on the host (bitwise the scored soup)."""
+        into = self.family.sources[0] if (self.in_place_ok and self.family.kind == "lerp"
+                                          and self.family.sources[0] == "previous") else None
+        return build_soup(self.sources, self.family, self.result.param, module=self.target,
+                          into=into)
+
+    def write_files(self, soup_dir: str | os.PathLike, stem: str, *, is_writer: bool,
+                    extra_metadata: Mapping[str, object] | None = None) -> Path | None:
+        """Write the soup as files: a sharded soup folder when the snapshots hold local shards
+        (collective: call on every rank), else ``<stem>.safetensors`` + ``<stem>.json`` written
+        by the rank with ``is_writer`` (others return ``None``)."""
+        if isinstance(self.latest, ShardedSnapshot):
+            return write_sharded_soup(soup_dir, stem, self.tensors, self.latest.layouts,
+                                      self.result, extra_metadata)
+        if not is_writer:
+            return None
+        return write_soup_files(soup_dir, stem, self.tensors(), self.result, extra_metadata)[0]
+
+    @contextlib.contextmanager
+    def loaded(self) -> Iterator[nn.Module]:
+        """Hold the soup in the live module's own tensors inside the block (for a framework's
+        own ``save_pretrained``); the latest weights are back, bitwise, on exit."""
+        latest = self.latest.tensors
+        live = [t for _, t in live_targets(self.target, latest)]
+        keys = [k for k, _ in live_targets(self.target, latest)]
+        srcs = [[self.sources[n].tensors[k] for k in keys] for n in self.family.sources]
+        try:
+            combine_into_(live, srcs, self.family.weights(self.result.param),
+                          self.family.kind == "lerp")
+            yield self.target
+        finally:
+            combine_into_(live, [[latest[k] for k in keys]], (1.0,), False)
+
+
+class MergeSchedule:
+    """The merge schedule of one training run (see the module docstring).
+
+    Args:
+        config: the search settings.
+        metric: the resolved metric (name and direction are recorded).
+        every_n_saves: run a round at every n-th checkpoint save.
+        history: weights kept on the host, the latest included (2: the paper's pairwise soup).
+        snapshot_every: also snapshot every this many steps (``None``: at saves only).
+        ema_decays: per-step decays of EMA tracks updated every ``snapshot_every`` steps.
+        on_error: ``"warn"`` (a failed round is reported, training goes on) or ``"raise"``.
+
+    Raises:
+        ValueError: for any invalid argument, naming what is allowed.
+    """
+
+    def __init__(self, config: RoundConfig, metric: Metric, *, every_n_saves: int = 1,
+                 history: int = 2, snapshot_every: int | None = None,
+                 ema_decays: tuple[float, ...] = (), on_error: str = "warn"):
+        validate_callback_args(max_batches=None, every_n_saves=every_n_saves, on_error=on_error)
+        self.ema_decays = validate_averaging_args(history=history, snapshot_every=snapshot_every,
+                                                  ema_decays=ema_decays)
+        self.config = config
+        self.metric = metric
+        self.every_n_saves = every_n_saves
+        self.history_size = history
+        self.snapshot_every = snapshot_every
+        self.on_error = on_error
+        self.ring: list[Snapshot] = []  # recent weights, oldest first
+        self.last_save: Snapshot | None = None  # the weights of the previous checkpoint save
+        self.spare: Snapshot | None = None  # page-locked buffers of a dropped snapshot (CUDA)
+        self.emas = [EmaTrack(d, snapshot_every or 1) for d in self.ema_decays]
+        self.enabled = True
+        self._stored_tensors: Mapping[str, Any] | None = None
+        self.state = self.initial_state()
+
+    @classmethod
+    def from_args(cls, *, metric: Any, higher_is_better: Any, budget: Any, alpha: Any,
+                  acq_func: Any, strategy: Any, seed: Any, warm_start: Any, stop_tol: Any,
+                  every_n_saves: Any, history: Any, snapshot_every: Any, ema_decays: Any,
+                  on_error: Any, max_batches: Any, save_soups: Any, soup_dir: Any,
+                  keep_last_soups: Any = None) -> MergeSchedule:
+        """Validate every argument the callbacks share, in one place, and build the schedule
+        (``schedule.metric`` is the resolved metric).
+
+        Raises:
+            ValueError: naming the first invalid argument and what is allowed.
+        """
+        check_bool("higher_is_better", higher_is_better, allow_none=True)
+        config = RoundConfig(alpha=alpha, budget=budget, strategy=strategy, acq_func=acq_func,
+                             seed=seed, warm_start=warm_start, stop_tol=stop_tol)
+        resolved = resolve_metric(metric, higher_is_better)
+        validate_callback_args(max_batches=max_batches, every_n_saves=every_n_saves,
+                               on_error=on_error, save_soups=save_soups, soup_dir=soup_dir,
+                               keep_last_soups=keep_last_soups)
+        return cls(config, resolved, every_n_saves=every_n_saves, history=history,
+                   snapshot_every=snapshot_every, ema_decays=ema_decays, on_error=on_error)
+
+    @classmethod
+    def from_callback(cls, arguments: Mapping[str, Any]) -> MergeSchedule:
+        """:meth:`from_args` with the arguments it takes picked from a callback constructor's
+        ``locals()`` (both adapters name them the same)."""
+        import inspect
+
+        names = [n for n in inspect.signature(cls.from_args).parameters if n != "cls"]
+        return cls.from_args(**{n: arguments[n] for n in names if n in arguments})
+
+    # ---------------------------------------------------------------- state
+    @property
+    def pairwise_only(self) -> bool:
+        """True for the paper's method: the last two saves, λ ∈ [alpha, 1]."""
+        return self.history_size == 2 and not self.ema_decays
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per finished round: step, lambda, value_soup, value_latest, value_previous,
+        previous_step (and family, param for averaging rounds)."""
+        return self.state["history"]
+
+    @staticmethod
+    def initial_state() -> dict[str, Any]:
+        return {"version": STATE_VERSION, "saves": 0, "last_save_step": None,
+                "previous_step": None, "previous_value": None, "history": []}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resumable state: plain Python (JSON-ready)."""
+        return {**self.state, "history": [dict(h) for h in self.state["history"]]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        fresh = self.initial_state()
+        self.state = {k: state.get(k, v) for k, v in fresh.items()}
+        self.state["history"] = [dict(h) for h in self.state["history"]]
+        self.ring, self.last_save = [], None
+
+    def tensor_state(self) -> dict[str, Any] | None:
+        """The older snapshots and EMA tracks (``None`` for the pairwise soup, which needs only
+        the live weights at resume), so that a resumed run averages the same weights."""
+        if self.pairwise_only:
+            return None
+        return {"ring": [(s.step, s.tensors) for s in self.ring[:-1]],
+                "ema": {t.name: {"step": t.snapshot.step, "tensors": t.snapshot.tensors}
+                        for t in self.emas if t.snapshot is not None}}
+
+    def load_tensor_state(self, stored: Mapping[str, Any] | None) -> None:
+        """Keep what :meth:`tensor_state` returned in the checkpoint, for :meth:`resume`."""
+        self._stored_tensors = stored
+
+    def resume(self, module: nn.Module, step: int) -> str | None:
+        """Continue the schedule when training (re)starts at ``step`` with ``module``'s weights.
+
+        Returns a warning to show when the saved state refers to another step (merging then
+        restarts with the next save), else ``None``.
+        """
+        prev = self.state["previous_step"]
+        if self.ring or prev is None:
+            return None
+        if prev != step:
+            self.state["previous_step"] = self.state["previous_value"] = None
+            self._stored_tensors = None
+            return (f"training starts at step {step} but the saved merge state refers to step "
+                    f"{prev}; "
+                    "merging restarts with the next checkpoint save")
+        latest = capture_snapshot(module, prev)  # resumed from that save: the live weights
+        stored = self._stored_tensors or {}
+        self.ring = [Snapshot(dict(t), s) for s, t in stored.get("ring", [])] + [latest]
+        self.last_save = latest
+        for track in self.emas:
+            ema = stored.get("ema", {}).get(track.name)
+            if ema is not None:
+                track.snapshot = Snapshot(dict(ema["tensors"]), ema["step"])
+        self._stored_tensors = None
+        return None
+
+    def preflight(self, module: nn.Module, heldout: Any, soup_dir: str | os.PathLike | None, *,
+                  max_batches: int | None = None) -> str | None:
+        """Check, before any round, what would make every round fail or mislead.
+
+        The held-out data (re-iterable, LM batches with integer ids inside the module's vocabulary
+        and rows no longer than its positions, non-empty; for the built-in metrics, whose
+        batches the package reads — a callable metric reads its own) and the soup folder (writable, room for one
+        soup; stale temporaries of a killed writer are removed first).
+
+        Returns:
+            ``None``, or (with ``on_error="warn"``) the problem to report once: rounds are then
+            disabled for this run.
+
+        Raises:
+            PreflightError: with ``on_error="raise"``.
+        """
+        try:
+            if self.metric.fn in (loss_metric, accuracy_metric):
+                vocab, positions = model_limits(module)
+                with preserved_rng():  # iterating a loader draws from the global RNG
+                    check_heldout(heldout, vocab_size=vocab, max_positions=positions,
+                                  max_batches=max_batches)
+            if soup_dir is not None:
+                if Path(soup_dir).is_dir():
+                    remove_stale_temporaries(soup_dir)
+                check_output_dir(soup_dir, capture_nbytes(module), name="soup_dir")
+        except PreflightError as e:
+            if self.on_error == "raise":
+                raise
+            self.enabled = False
+            return f"{e}; merge rounds are disabled for this run, training goes on unchanged"
+        return None
+
+    def release(self) -> None:
+        """Give recycled page-locked memory back (end of training)."""
+        self.spare = None
+
+    # ---------------------------------------------------------------- events
+    def on_train_step(self, module: nn.Module, step: int) -> None:
+        """After an optimizer step: snapshot and update EMA tracks every ``snapshot_every``."""
+        if not self.snapshot_every or step % self.snapshot_every or step == 0:
+            return
+        if self.ring and self.ring[-1].step == step:
+            return  # gradient accumulation: several batches end at one optimizer step
+        snap = self._capture(module, step)
+        self._push(snap)
+        for track in self.emas:
+            track.update(module, step, snap)
+
+    def is_new_save(self, step: int) -> bool:
+        """False for a second file saved at the same step (one round per step)."""
+        return step != self.state["last_save_step"]
+
+    def on_save(self, step: int, rt: Runtime) -> RoundResult | None:
+        """A checkpoint was saved at ``step``: keep its weights and run a round when due.
+
+        A failed round is reported through ``rt.warn`` (``on_error="warn"``) or re-raised; the
+        schedule advances either way. A failed soup write is reported on its own; the round is
+        still recorded and logged.
+        """
+        state = self.state
+        state["saves"] += 1
+        state["last_save_step"] = step
+        if not (self.ring and self.ring[-1].step == step):
+            self._push(self._capture(rt.module, step))
+        result = None
+        try:
+            if self.enabled and len(self.ring) >= 2 and state["saves"] % self.every_n_saves == 0:
+                result = self._guarded_round(rt)
+        finally:  # the schedule advances also when the round re-raises (on_error="raise")
+            # between rounds keep history - 1 copies: the next save brings the latest
+            dropped = self.ring[:-(self.history_size - 1)] + [self.last_save]
+            del self.ring[:-(self.history_size - 1)]
+            self.last_save = self.ring[-1]
+            self._drop([s for s in dropped if s is not None])
+            state["previous_step"] = step
+            state["previous_value"] = result.value_latest if result is not None else None
+        return result
+
+    # ---------------------------------------------------------------- work
+    def _capture(self, module: nn.Module, step: int) -> Snapshot:
+        spare, self.spare = self.spare, None
+        return capture_snapshot(module, step, reuse=spare)
+
+    def _push(self, snap: Snapshot) -> None:
+        self.ring.append(snap)
+        dropped = self.ring[:-self.history_size]
+        del self.ring[:-self.history_size]
+        self._drop(dropped)
+
+    def _drop(self, dropped: list[Snapshot]) -> None:
+        """Keep the page-locked buffers of one snapshot nothing refers to any more, for the next
+        capture (page-locking is slow; pageable host memory is simply freed)."""
+        in_use = {id(s) for s in self.ring} | {id(self.last_save)}
+        in_use |= {id(t.snapshot) for t in self.emas}
+        for snap in dropped:
+            if id(snap) not in in_use and snap.page_locked:
+                self.spare = snap
+
+    def _guarded_round(self, rt: Runtime) -> RoundResult | None:
+        step = self.ring[-1].step
+        try:
+            chosen = self._round(rt)
+        except Exception as e:  # noqa: BLE001 - reported, training goes on (on_error="warn")
+            if self.on_error == "raise":
+                raise
+            rt.warn(f"the merge round at step {step} failed and was skipped; training continues "
+                    f"unchanged. {type(e).__name__}: {e}")
+            return None
+        if rt.write is not None:
+            try:
+                rt.write(chosen)
+            except Exception as e:  # noqa: BLE001
+                if self.on_error == "raise":
+                    raise
+                where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+                rt.warn(f"writing the soup of step {step} failed{where}: a soup needs about "
+                        f"{format_bytes(chosen.latest.nbytes)} "
+                        f"({chosen.latest.nbytes} bytes); the round's result was recorded and "
+                        f"logged and training continues unchanged. {type(e).__name__}: {e}")
+        return chosen.result
+
+    def previous_save(self) -> Snapshot:
+        """The previous checkpoint save's weights (kept even when newer snapshots pushed them out
+        of the ring), else the most recent older snapshot."""
+        last = self.last_save
+        if last is not None and last.step == self.state["previous_step"] \
+                and last.step < self.ring[-1].step:
+            return last
+        return self.ring[-2]
+
+    def sources_and_families(self) -> tuple[dict[str, Snapshot], list[Family]]:
+        """The round's inputs by name and its candidate families (the pairwise one first)."""
+        ring = self.ring
+        sources: dict[str, Snapshot] = {"latest": ring[-1], "previous": self.previous_save()}
+        families = [pairwise_family("previous", "latest", self.config.alpha)]
+        if self.pairwise_only:
+            return sources, families
+        if len(ring) >= 3:
+            names = [f"step{s.step}" for s in ring[:-1]]
+            sources.update(zip(names, ring[:-1]))
+            families.append(geometric_family([*names, "latest"]))
+        for track in self.emas:
+            if track.snapshot is not None:
+                sources[track.name] = track.snapshot
+                families.append(ema_family(track.name, "latest"))
+        return sources, families
+
+    def _round(self, rt: Runtime) -> ChosenSoup:
+        sources, families = self.sources_and_families()
+        latest = sources["latest"]
+        prev_value = self.state["previous_value"]
+        if self.state["previous_step"] != sources["previous"].step:
+            prev_value = None
+        last = self.history[-1:]
+        initial = {h.get("family", "pairwise"): h.get("param", h["lambda"]) for h in last}
+        progress = None
+        if rt.progress is not None:
+            total = self.config.budget + (prev_value is None)
+            progress = rt.progress(total, f"merge step={latest.step}",
+                                   (families[0].lo, families[0].hi) if len(families) == 1
+                                   else None)
+        try:
+            result = run_round(rt.module, sources, families, rt.evaluate, self.config,
+                               metric=self.metric.name,
+                               higher_is_better=self.metric.higher_is_better,
+                               value_previous=prev_value, initial=initial,
+                               on_evaluation=progress, view=rt.view)
+        finally:
+            if progress is not None:
+                progress.close()
+        # every rank computed the same reduced values; take rank zero's decision to be certain
+        result = rt.broadcast(result)
+        entry = {"step": result.step, "lambda": result.lam, "value_soup": result.value_soup,
+                 "value_latest": result.value_latest, "value_previous": result.value_previous,
+                 "previous_step": result.previous_step}
+        if len(families) > 1:
+            entry.update(family=result.family, param=result.param)
+        self.history.append(entry)
+        if rt.log is not None:
+            rt.log(result, self.history)
+        family = next(f for f in families if f.name == result.family)
+        return ChosenSoup(result, family, sources, rt.target,
+                          in_place_ok=self.history_size == 2 and not self.ema_decays)
+
+
+class ScheduleOwner:
+    """What both callbacks share: their validated settings, the schedule and views of it.
+
+    An adapter's constructor checks its own ``heldout`` type, then calls
+    :meth:`_own_schedule` with its ``locals()``.
+    """
+
+    schedule: MergeSchedule
+
+    def _own_schedule(self, arguments: Mapping[str, Any]) -> None:
+        self.schedule = MergeSchedule.from_callback(arguments)  # validates every argument
+        self.metric = self.schedule.metric
+        self.heldout = arguments["heldout"]
+        self.max_batches = arguments["max_batches"]
+        soup_dir = arguments["soup_dir"]
+        self.soup_dir = Path(soup_dir) if soup_dir is not None else None
+        self.save_soups = arguments["save_soups"]
+        self._evaluator = None
+
+    @property
+    def config(self) -> RoundConfig:
+        """The search settings."""
+        return self.schedule.config
+
+    @property
+    def on_error(self) -> str:
+        return self.schedule.on_error
+
+    @property
+    def every_n_saves(self) -> int:
+        return self.schedule.every_n_saves
+
+    @property
+    def pairwise_only(self) -> bool:
+        """True for the paper's method: the last two saves, λ ∈ [alpha, 1]."""
+        return self.schedule.pairwise_only
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per finished round: step, lambda, value_soup, value_latest, value_previous,
+        previous_step (and family, param for averaging rounds)."""
+        return self.schedule.history
