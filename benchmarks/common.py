@@ -34,6 +34,7 @@ from torch import Tensor
 
 from merge_callback.evaluate import forward_logits, next_token_targets
 from merge_callback.io import atomic_write_json, load_state_dict, save_safetensors_atomic
+from merge_callback.merge import lerp_state_dicts
 
 SHARDS = ("sel", "test", "ood")
 SHARD_TITLES = {
@@ -438,3 +439,16 @@ def lam_key(previous: int, latest: int, lam: float) -> tuple:
     if lam == 0.0:
         return ("ckpt", previous)
     return ("lerp", previous, latest, lam)
+
+
+def soup_objective(traj: Trajectory, scorer: Scorer, previous: int, latest: int, shard: str = "sel"):
+    """``f(λ)`` = held-out loss of the pairwise soup on ``shard`` (memoised by λ)."""
+    a, b = traj.checkpoints[previous], traj.checkpoints[latest]
+
+    def f(lam: float) -> float:
+        key = lam_key(previous, latest, lam)
+        if (key, shard) in scorer.memo:
+            return scorer.memo[(key, shard)][0]
+        return scorer(lerp_state_dicts(a, b, lam), shard, key=key)[0]
+
+    return f

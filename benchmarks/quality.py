@@ -26,19 +26,24 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parents[1]  # `python benchmarks/<name>.py` finds the packages
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
 import argparse
 import copy
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.common import (FULL, QUICK, SHARD_TITLES, SHARDS, BenchConfig, Scorer, Trajectory,
-                               environment, lam_key, log, train_trajectory)
-from benchmarks.search_strategies import soup_objective
+                               environment, lam_key, log, soup_objective, train_trajectory)
 from merge_callback.baselines import fisher_weighted_average, greedy_soup, regmean, uniform_soup
 from merge_callback.io import atomic_write_bytes, atomic_write_json
 from merge_callback.merge import lerp_state_dicts
@@ -352,7 +357,8 @@ def plot_sweeps(p: dict[str, Any], cfg: BenchConfig, path: Path) -> None:
                 ys = np.array(s["loss"][shard])
                 ax.plot(lams, 1e3 * (ys - ys[-1]), marker="o", ms=2.5, label=SHARD_TITLES[shard])
             ax.axhline(0.0, color="k", lw=0.5)
-            ax.axvline(cfg.alpha, color="grey", lw=0.5, ls=":")
+            ax.axvline(cfg.alpha, color="grey", lw=0.8, ls=":",
+                       label=f"α = {cfg.alpha} (lower end of the λ search)")
             ax.set_xlabel("λ (weight of the later checkpoint)")
             ax.set_ylabel("loss − loss(later)  (nats ×10⁻³)")
         axes[0][col].set_title(f"{s['previous']} → {s['latest']}", fontsize=9)

@@ -22,31 +22,24 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parents[1]  # `python benchmarks/<name>.py` finds the packages
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
 import math
 import time
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import BenchConfig, Scorer, Trajectory, lam_key, log
-from merge_callback.merge import lerp_state_dicts
+from benchmarks.common import BenchConfig, Scorer, Trajectory, log, soup_objective
 from merge_callback.search import search_lambda
 
 BAYES_ACQS = ("gp_hedge", "EI", "PI", "LCB")
 STRATEGY_NAMES = tuple(f"BO {a}" for a in BAYES_ACQS) + ("random", "grid", "greedy (golden section)")
-
-
-def soup_objective(traj: Trajectory, scorer: Scorer, previous: int, latest: int, shard: str = "sel"):
-    """``f(λ)`` = held-out loss of the pairwise soup on ``shard`` (memoised by λ)."""
-    a, b = traj.checkpoints[previous], traj.checkpoints[latest]
-
-    def f(lam: float) -> float:
-        key = lam_key(previous, latest, lam)
-        if (key, shard) in scorer.memo:
-            return scorer.memo[(key, shard)][0]
-        return scorer(lerp_state_dicts(a, b, lam), shard, key=key)[0]
-
-    return f
 
 
 def _best_so_far(observations: tuple[tuple[float, float], ...]) -> list[float]:

@@ -5,6 +5,13 @@ Batches are Hugging Face style: a dict with ``input_ids`` and optionally ``atten
 called as ``module(input_ids=..., attention_mask=...)`` (``attention_mask`` only when the batch
 has one) and returns logits or an object with ``.logits``. Metrics return ``(total, count)`` so that
 data-parallel ranks can add their totals before dividing.
+
+With the built-in ``"loss"``, ``"perplexity"`` and ``"accuracy"`` metrics every forward pass also
+gives the other two: :attr:`HeldoutEvaluator.last_extras` holds the loss, perplexity and next-token
+accuracy of the last evaluated module at no extra forward pass. A module metric (an object with
+``scores_module = True`` and ``score_module(module, ...)``, such as
+:class:`merge_callback.lmeval.LmEvalMetric`) scores the whole module itself instead of the batch
+loop.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,6 +37,8 @@ __all__ = [
     "next_token_targets",
     "loss_metric",
     "accuracy_metric",
+    "lm_totals",
+    "ModuleMetric",
     "move_to_device",
     "HeldoutEvaluator",
     "EmptyHeldoutError",
@@ -113,6 +122,43 @@ def accuracy_metric(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
     return correct.sum().double(), valid.sum().double()
 
 
+def lm_totals(module: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward pass: summed next-token cross-entropy, correct top-1 predictions, target tokens.
+
+    The first two equal :func:`loss_metric`'s and :func:`accuracy_metric`'s totals bitwise.
+    """
+    logits = forward_logits(module, batch)[:, :-1]
+    targets = next_token_targets(batch)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    valid = targets != -100
+    correct = (logits.argmax(-1) == targets) & valid
+    return loss.double(), correct.sum().double(), valid.sum().double()
+
+
+#: per-batch metric functions whose forward pass also gives loss and accuracy (see lm_totals)
+_LM_FNS = {loss_metric: 0, accuracy_metric: 1}
+
+
+@runtime_checkable
+class ModuleMetric(Protocol):
+    """A metric that scores a whole module itself (e.g. by running a benchmark on it).
+
+    ``score_module`` returns ``(value, extras)`` and is the same on every rank: with
+    ``world_size > 1`` each rank scores its share and sums totals with ``reduce_sum``; with
+    ``balanced`` every rank must run the same forward passes.
+    """
+
+    scores_module: bool
+    name: str
+    higher_is_better: bool
+
+    def score_module(self, module: nn.Module, *, rank: int = 0, world_size: int = 1,
+                     balanced: bool = False,
+                     reduce_sum: Callable[[Tensor], Tensor] | None = None
+                     ) -> tuple[float, dict[str, float]]: ...
+
+
 @dataclass(frozen=True)
 class Metric:
     """A named metric: ``fn(module, batch) -> (total, count)``; ``value = finalize(Σtotal/Σcount)``."""
@@ -133,13 +179,23 @@ def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
-def resolve_metric(metric: str | MetricFn, higher_is_better: bool | None = None) -> Metric:
+def resolve_metric(metric: str | MetricFn | Metric | ModuleMetric,
+                   higher_is_better: bool | None = None) -> Metric | ModuleMetric:
     """Turn ``"loss"``, ``"perplexity"``, ``"accuracy"`` or a callable into a :class:`Metric`.
 
+    A :class:`Metric` or a module metric (e.g. :class:`merge_callback.lmeval.LmEvalMetric`) is
+    returned as it is.
+
     Raises:
-        ValueError: unknown name, a direction that contradicts a built-in metric, or a callable
-            without ``higher_is_better``.
+        ValueError: unknown name, a direction that contradicts a built-in metric or a given
+            metric object, or a callable without ``higher_is_better``.
     """
+    if isinstance(metric, Metric) or getattr(metric, "scores_module", False):
+        if higher_is_better is not None and bool(higher_is_better) != metric.higher_is_better:
+            raise ValueError(f"higher_is_better={higher_is_better} contradicts metric "
+                             f"{metric.name!r} (higher_is_better={metric.higher_is_better}); "
+                             "leave it as None")
+        return metric
     if isinstance(metric, str):
         builtins = {
             "loss": Metric("loss", loss_metric, False),
@@ -210,7 +266,8 @@ class HeldoutEvaluator:
 
     Args:
         data: an iterable of batches (a ``DataLoader``); re-iterated at every evaluation.
-        metric: a :class:`Metric` (see :func:`resolve_metric`).
+        metric: a :class:`Metric` or a module metric (see :func:`resolve_metric`); a module
+            metric scores the module itself and ``data`` is not read.
         max_batches: evaluate only the first ``max_batches`` batches (of the whole shard).
         rank, world_size: with ``world_size > 1`` and ``shard=True`` rank ``r`` evaluates batches
             ``r, r + world_size, ...``; the totals are summed with ``reduce_sum``.
@@ -219,11 +276,13 @@ class HeldoutEvaluator:
         context: a factory for a context entered around the forward passes (e.g. autocast).
         seed: torch seed used while iterating (the caller's RNG state is restored afterwards).
 
-    Calling the evaluator returns the metric value; it runs in ``inference_mode`` and eval mode and
+    Calling the evaluator returns the metric value and sets :attr:`last_extras`; it runs in
+    ``inference_mode`` and eval mode and
     restores every submodule's training flag and all global random states.
     """
 
-    def __init__(self, data: Iterable, metric: Metric, *, max_batches: int | None = None,
+    def __init__(self, data: Iterable, metric: Metric | ModuleMetric, *,
+                 max_batches: int | None = None,
                  rank: int = 0, world_size: int = 1, shard: bool = True,
                  reduce_sum: Callable[[Tensor], Tensor] | None = None,
                  context: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -237,15 +296,28 @@ class HeldoutEvaluator:
         self.reduce_sum = reduce_sum
         self.context = context or contextlib.nullcontext
         self.seed = seed
+        #: side values of the last evaluation: ``loss``, ``perplexity`` and ``accuracy`` (next
+        #: token, from the same forward passes) with a built-in metric; a module metric's own
+        #: values (e.g. one per lm-eval task); empty for other callables
+        self.last_extras: dict[str, float] = {}
 
     #: every rank runs the same number of forward passes (see ``fsdp.BalancedHeldoutEvaluator``)
     balanced = False
 
     def totals(self, module: nn.Module) -> tuple[float, float, int]:
-        """Return ``(total, count, batches)`` summed over all ranks."""
+        """Return ``(total, count, batches)`` summed over all ranks (and set :attr:`last_extras`).
+
+        Raises:
+            TypeError: the metric scores whole modules (call the evaluator instead).
+            EmptyHeldoutError: no rank evaluated a batch.
+        """
+        if getattr(self.metric, "scores_module", False):
+            raise TypeError(f"{self.metric.name} scores the whole module; call the evaluator "
+                            "(evaluator(module)) instead of totals()")
         device = _module_device(module)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = torch.zeros((), dtype=torch.float64, device=device)
+        # total, count, batches, then (with a built-in LM metric) loss sum, correct, tokens
+        lm_index = _LM_FNS.get(self.metric.fn)
+        sums = torch.zeros(6 if lm_index is not None else 3, dtype=torch.float64, device=device)
         batches = seen = 0
         first = None
         with preserved_rng(self.seed), _eval_mode(module), torch.inference_mode(), self.context():
@@ -257,24 +329,47 @@ class HeldoutEvaluator:
                     first = batch
                 if self.shard and i % self.world_size != self.rank:
                     continue
-                t, c = self.metric.fn(module, move_to_device(batch, device))
-                total += torch.as_tensor(t, dtype=torch.float64, device=device)
-                count += torch.as_tensor(c, dtype=torch.float64, device=device)
+                batch = move_to_device(batch, device)
+                if lm_index is None:
+                    t, c = self.metric.fn(module, batch)
+                    sums[0] += torch.as_tensor(t, dtype=torch.float64, device=device)
+                    sums[1] += torch.as_tensor(c, dtype=torch.float64, device=device)
+                else:  # one forward gives the metric, the loss and the accuracy
+                    loss, correct, tokens = lm_totals(module, batch)
+                    sums[0] += loss if lm_index == 0 else correct
+                    sums[1] += tokens
+                    sums[3] += loss
+                    sums[4] += correct
+                    sums[5] += tokens
                 batches += 1
             if self.balanced:
                 target = math.ceil(seen / self.world_size) if self.shard else batches
                 for _ in range(target - batches):  # padding forwards: results discarded
                     self.metric.fn(module, move_to_device(first, device))
-        stats = torch.stack([total, count, torch.tensor(float(batches), dtype=torch.float64,
-                                                        device=device)])
+        sums[2] = float(batches)
         if self.reduce_sum is not None:
-            stats = self.reduce_sum(stats)
-        total_f, count_f, batches_f = (float(x) for x in stats.cpu().tolist())
+            sums = self.reduce_sum(sums)
+        values = [float(x) for x in sums.cpu().tolist()]
+        total_f, count_f, batches_f = values[:3]
         if batches_f == 0:
             raise EmptyHeldoutError("the held-out data yielded no batches; pass a non-empty "
                                     "heldout loader (or check max_batches)")
+        self.last_extras = {}
+        if lm_index is not None and values[5] > 0:
+            loss = values[3] / values[5]
+            self.last_extras = {"loss": loss, "perplexity": _exp(loss),
+                                "accuracy": values[4] / values[5]}
         return total_f, count_f, int(batches_f)
 
     def __call__(self, module: nn.Module) -> float:
+        """The metric of ``module`` on the held-out data (the same on every rank)."""
+        if getattr(self.metric, "scores_module", False):
+            with preserved_rng(self.seed), _eval_mode(module), torch.inference_mode(), \
+                    self.context():
+                value, extras = self.metric.score_module(
+                    module, rank=self.rank, world_size=self.world_size, balanced=self.balanced,
+                    reduce_sum=self.reduce_sum)
+            self.last_extras = dict(extras)
+            return float(value)
         total, count, _ = self.totals(module)
         return self.metric.value(total, count)
