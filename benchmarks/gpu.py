@@ -56,7 +56,7 @@ from benchmarks.overhead import (MODELS, TimedEvaluator, build_model, float_list
                                  model_bytes, reset_peak, rss_kib, run_round, token_batches)
 from merge_callback.engine import (RoundConfig, Snapshot, combine_into_, soup_state_dict,
                                    stage_on_devices)
-from merge_callback.soups import write_soup_files
+from merge_callback.io.soups import write_soup_files
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
 from merge_callback.merge import lerp_tensors_
 

@@ -70,7 +70,7 @@ from merge_callback.engine import round as engine_round
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
 from merge_callback.io import atomic_write_json
 from merge_callback.merge import lerp_tensors_
-from merge_callback.soups import write_soup_files
+from merge_callback.io.soups import write_soup_files
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {

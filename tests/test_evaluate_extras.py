@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
-from merge_callback.fsdp import BalancedHeldoutEvaluator
 
 
 def batches(n=3, b=4, t=12, vocab=64, seed=0):
@@ -84,7 +83,8 @@ def test_rank_shares_and_balanced_padding(tiny_neox):
     assert counter.calls == 2
     assert rank1.last_extras == _extras([data[1], data[3]], tiny_neox)
     counter.calls = 0
-    balanced = BalancedHeldoutEvaluator(data, resolve_metric("loss"), rank=1, world_size=2)
+    balanced = HeldoutEvaluator(data, resolve_metric("loss"), rank=1, world_size=2)
+    balanced.balanced = True  # as the callbacks set it under FSDP
     assert balanced(tiny_neox) == rank1(tiny_neox)
     assert counter.calls == 3 + 2  # 3 (2 + one padding forward), then 2 for rank1 again
     assert balanced.last_extras == rank1.last_extras
@@ -119,7 +119,7 @@ def test_a_loss_chosen_round_gives_the_soups_accuracy(tiny_neox):
     directly."""
     import copy
 
-    from merge_callback.engine import RoundConfig, Snapshot, run_round
+    from merge_callback.engine import RoundConfig, Snapshot, pairwise_family, run_round
     from merge_callback.merge import lerp_state_dicts
 
     other = copy.deepcopy(tiny_neox)
@@ -130,7 +130,8 @@ def test_a_loss_chosen_round_gives_the_soups_accuracy(tiny_neox):
     data = batches(n=4)
     ev = HeldoutEvaluator(data, resolve_metric("loss"))
     seen = {}
-    result = run_round(tiny_neox, previous, latest, ev, RoundConfig(budget=4),
+    result = run_round(tiny_neox, {"previous": previous, "latest": latest},
+                       [pairwise_family("previous", "latest", 0.5)], ev, RoundConfig(budget=4),
                        on_evaluation=lambda lam, value: seen.__setitem__(lam, dict(ev.last_extras)))
     assert set(seen) == {lam for lam, _ in result.observations} | {0.0}
     soup = copy.deepcopy(tiny_neox)

@@ -247,7 +247,7 @@ def test_find_lm_takes_the_network_inside_a_lightning_module():
 def test_fsdp2_ranks_score_every_example_and_agree(tmp_path):
     """Under FSDP2 every forward is a collective: both ranks score all 9 speeches; the value equals
     lm-eval run in one process on the consolidated soup."""
-    from merge_callback.fsdp import consolidate_sharded_soup
+    from merge_callback.io.soups import consolidate_sharded_soup
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +66,10 @@ class RoundResult:
 
     ``lam`` is the weight of the latest weights in the chosen soup. Rounds over several families
     add ``extras``: ``family``, ``param``, ``inputs`` (source names and steps), ``weights`` and
-    ``candidates`` (every evaluation as ``{"family", "param", "value"}`` in order).
+    ``candidates`` (every evaluation as ``{"family", "param", "value"}`` in order). When the
+    evaluator reports side values of its forward passes (``last_extras``: loss, perplexity,
+    accuracy), ``extras["side_values"]`` lists them per evaluated candidate, and the schedule adds
+    ``extras["side"]``: those of the soup, the latest and the previous weights.
     """
 
     step: int
@@ -172,24 +175,34 @@ def run_round(module: nn.Module, sources: Mapping[str, Snapshot], families: Sequ
     seed = (config.seed + step) % (2**31)
     initial = dict(initial or {}) if config.warm_start else {}
 
+    side: list[dict] = []  # the evaluator's side values (loss, accuracy, ...) per candidate
+
     def load(family: Family, t: float) -> float:
         combine_into_(live, [staged[n] for n in family.sources], family.weights(t),
                       family.kind == "lerp")
         _refresh(view)
         value = float(evaluate(module))
+        extras = getattr(evaluate, "last_extras", None)
+        if extras:
+            side.append({"family": family.name, "param": float(t), "value": value, **extras})
         if on_evaluation is not None:
             on_evaluation(t, value)
         return value
 
     try:
         if len(families) == 1:
-            return _one_family(families[0], load, config, seed, t0, step=step,
-                               previous_step=sources[previous].step if previous else step,
-                               metric=metric, higher_is_better=higher_is_better,
-                               value_previous=value_previous, initial=initial)
-        return _several_families(families, load, config, seed, t0, sources, latest, previous,
+            result = _one_family(families[0], load, config, seed, t0, step=step,
+                                 previous_step=sources[previous].step if previous else step,
                                  metric=metric, higher_is_better=higher_is_better,
                                  value_previous=value_previous, initial=initial)
+        else:
+            result = _several_families(families, load, config, seed, t0, sources, latest,
+                                       previous, metric=metric,
+                                       higher_is_better=higher_is_better,
+                                       value_previous=value_previous, initial=initial)
+        if side:
+            result = replace(result, extras={**result.extras, "side_values": side})
+        return result
     except FloatingPointError as e:
         raise MergeRoundError(f"merge round at step {step}: {e}; no soup was written") from e
     finally:

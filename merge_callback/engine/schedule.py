@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,8 @@ class MergeSchedule:
         self.spare: Snapshot | None = None  # page-locked buffers of a dropped snapshot (CUDA)
         self.emas = [EmaTrack(d, snapshot_every or 1) for d in self.ema_decays]
         self.enabled = True
+        self._previous_side: dict[str, float] | None = None  # side values of the previous save
+        self._latest_side: dict[str, float] | None = None
         self._stored_tensors: Mapping[str, Any] | None = None
         self.state = self.initial_state()
 
@@ -340,6 +342,8 @@ class MergeSchedule:
             self._drop([s for s in dropped if s is not None])
             state["previous_step"] = step
             state["previous_value"] = result.value_latest if result is not None else None
+            self._previous_side, self._latest_side = (
+                self._latest_side if result is not None else None), None
         return result
 
     # ---------------------------------------------------------------- work
@@ -384,6 +388,26 @@ class MergeSchedule:
                         f"({chosen.latest.nbytes} bytes); the round's result was recorded and "
                         f"logged and training continues unchanged. {type(e).__name__}: {e}")
         return chosen.result
+
+    def _side_metrics(self, result: RoundResult, first: Family) -> dict[str, dict[str, float]]:
+        """The evaluator's side values (loss, perplexity, accuracy of the same forward passes)
+        of the soup, the latest and the previous weights; the previous weights' come from the
+        last round (where they were the latest) when this round did not score them."""
+        values = result.extras.get("side_values", [])
+
+        def at(family: str | None, param: float | None = None,
+               value: float | None = None) -> dict[str, float] | None:
+            for v in values:
+                if (v["family"], v["param"]) == (family, param) or v["value"] == value:
+                    return {k: x for k, x in v.items() if k not in ("family", "param", "value")}
+            return None
+
+        # the soup may have been scored under another family's name (the same weights)
+        side = {"soup": at(result.family, result.param) or at(None, value=result.value_soup),
+                "latest": at(first.name, first.latest_at),
+                "previous": at("pairwise", 0.0) or self._previous_side}
+        self._latest_side = side["latest"]
+        return {k: v for k, v in side.items() if v}
 
     def previous_save(self) -> Snapshot:
         """The previous checkpoint save's weights (kept even when newer snapshots pushed them out
@@ -436,11 +460,16 @@ class MergeSchedule:
                 progress.close()
         # every rank computed the same reduced values; take rank zero's decision to be certain
         result = rt.broadcast(result)
+        side = self._side_metrics(result, families[0])
+        if side:
+            result = replace(result, extras={**result.extras, "side": side})
         entry = {"step": result.step, "lambda": result.lam, "value_soup": result.value_soup,
                  "value_latest": result.value_latest, "value_previous": result.value_previous,
                  "previous_step": result.previous_step}
         if len(families) > 1:
             entry.update(family=result.family, param=result.param)
+        for which, values in result.extras.get("side", {}).items():
+            entry.update({f"{which}_{name}": v for name, v in values.items()})
         self.history.append(entry)
         if rt.log is not None:
             rt.log(result, self.history)
