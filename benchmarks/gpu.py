@@ -51,6 +51,10 @@ from typing import Any
 
 import torch  # first: benchmarks.overhead's OMP_NUM_THREADS=1 then no longer applies here
 
+_ROOT = Path(__file__).resolve().parents[1]  # `python benchmarks/gpu.py` finds the packages
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
 from benchmarks.common import pick_blocks, environment, log
 from benchmarks.overhead import (MODELS, TimedEvaluator, build_model, float_lists, median,
                                  model_bytes, reset_peak, rss_kib, run_round, token_batches)

@@ -244,6 +244,8 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
                        warn=lambda msg: self._warn(state, msg))
 
     def _heldout_data(self, trainer: Trainer, args) -> tuple[Iterable, bool]:
+        if self.heldout is None and getattr(self.metric, "scores_module", False):
+            return (), False  # a module metric (lm-eval) reads no held-out batches
         data = self.heldout
         if data is None:
             data = trainer.eval_dataset

@@ -119,7 +119,10 @@ class BayesMergeCallback(ScheduleOwner, Callback):
                                "callbacks, so its saves start no merge round. HINT: use "
                                "save_weights_only=False")
         self._mode = check_strategy_supported(trainer, pairwise_only=self.pairwise_only)
-        data = self.heldout if self.heldout is not None else _validation_loader(trainer)
+        if self.heldout is None and getattr(self.metric, "scores_module", False):
+            data = ()  # a module metric (lm-eval) reads no held-out batches
+        else:
+            data = self.heldout if self.heldout is not None else _validation_loader(trainer)
         sharded = isinstance(getattr(data, "sampler", None), DistributedSampler)
         self._evaluator = HeldoutEvaluator(
             data, self.metric, max_batches=self.max_batches, rank=trainer.global_rank,

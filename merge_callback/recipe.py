@@ -1142,7 +1142,7 @@ def export_soup(soup_file: str | os.PathLike, module: Any, tokenizer: Any,
 
 # --------------------------------------------------------------------------- report
 
-def _plots(rounds: list[dict], metric: str, run_dir: Path) -> list[str]:
+def _plots(rounds: list[dict], metric: str, run_dir: Path, alpha: float) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1151,7 +1151,9 @@ def _plots(rounds: list[dict], metric: str, run_dir: Path) -> list[str]:
     steps = [r["step"] for r in rounds]
     names = []
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["lambda"] for r in rounds], "o-")
+    ax.plot(steps, [r["lambda"] for r in rounds], "o-", label="λ chosen")
+    ax.axhline(alpha, color="grey", ls=":", lw=0.8, label=f"α = {alpha:g} (lowest λ searched)")
+    ax.legend(fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("λ (weight of the latest checkpoint)")
     ax.set_ylim(0, 1.05)
@@ -1222,7 +1224,7 @@ def write_report(run_dir: str | os.PathLike, rounds: list[dict], config: RecipeC
     sign = 1.0 if higher else -1.0
     atomic_write_json(run_dir / "rounds.json", {"metric": metric, "rounds": rounds,
                                                 **{k: v for k, v in facts.items()}})
-    plots = _plots(rounds, metric, run_dir) if rounds else []
+    plots = _plots(rounds, metric, run_dir, config.merge_alpha) if rounds else []
     has_ood = bool(rounds) and all("ood_latest" in r for r in rounds)
     lines = ["# Continued pretraining with checkpoint soups", ""]
     for k, v in facts.items():

@@ -149,7 +149,7 @@ def check_round(rec, info):
 def test_lightning_round_chooses_lambda_on_lm_eval(tmp_path):
     L.seed_everything(0, verbose=False)
     train = DataLoader(H.dataset(80), batch_size=8)
-    cb = BayesMergeCallback(heldout=[], metric=ppl_metric(), budget=4)
+    cb = BayesMergeCallback(metric=ppl_metric(), budget=4)  # lm-eval reads no held-out batches
     tr = lightning_trainer(tmp_path, cb, max_steps=20, every=10)
     tr.fit(CausalLMModule(H.model(), lr=3e-2), train)
     (rec,) = cb.history
@@ -168,8 +168,7 @@ def test_hf_round_chooses_lambda_on_lm_eval(tmp_path):
         ids = torch.stack([it["input_ids"] for it in items])
         return {"input_ids": ids, "labels": ids.clone()}
 
-    cb = BayesMergeTrainerCallback(heldout=H.dataset(8, offset=100), metric=ppl_metric(),
-                                   budget=4)
+    cb = BayesMergeTrainerCallback(metric=ppl_metric(), budget=4)  # no held-out batches needed
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, save_steps=10,
                              per_device_train_batch_size=8, learning_rate=3e-2,
                              lr_scheduler_type="constant", report_to="none", use_cpu=True,

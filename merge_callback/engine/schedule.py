@@ -282,7 +282,7 @@ class MergeSchedule:
             PreflightError: with ``on_error="raise"``.
         """
         try:
-            if self.metric.fn in (loss_metric, accuracy_metric):
+            if getattr(self.metric, "fn", None) in (loss_metric, accuracy_metric):
                 vocab, positions = model_limits(module)
                 with preserved_rng():  # iterating a loader draws from the global RNG
                     check_heldout(heldout, vocab_size=vocab, max_positions=positions,
