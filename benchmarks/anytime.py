@@ -709,7 +709,7 @@ def plot(cfg: AnytimeConfig, results: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- 160M cost
 
 
-def cost_benchmark(folder: Path, n_params: int = 160_000_000, n_saves: int = 6,
+def cost_benchmark(folder: Path, n_params: int = 160_000_000, n_saves: int = 4,
                    tensors: int = 16) -> dict[str, Any]:
     """Write/read/reconstruct timings for a 160M-parameter fp32 state dict on the CPU."""
     if folder.exists():
