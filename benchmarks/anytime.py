@@ -150,7 +150,7 @@ QUICK = AnytimeConfig(
 MODE = """\
 Recommended mode (`averaging="auto"`), fixed before the runs:
 
-* host memory: two power-function EMA tracks, σ_rel = 0.05 and 0.15 (γ ≈ 16.97 and 2.77),
+* host memory: two power-function EMA tracks, σ_rel = 0.05 and 0.15 (γ ≈ 16.97 and 3.56),
   updated every `snapshot_every = 10` steps with the exact n-step fold — 2 model copies (fp32);
   the previous save is read from disk, not kept;
 * disk: at every save, one snapshot of each track and the raw weights (3 × the model's fp32 bytes

@@ -13,7 +13,7 @@ Framework-free (torch + numpy). Three parts:
   largest real root of ``γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²) = 0`` (Eq. 126, edm2
   ``std_to_exp``). ``γ = 16.97 ↔ σ_rel = 0.05`` and ``γ = 6.94 ↔ σ_rel = 0.10``, as the paper and
   edm2 state (checked in the tests); a pair of tracks written as ``sigma_rels = (0.05, 0.28)`` is a
-  different pair (``σ_rel = 0.28 ↔ γ ≈ 0.037``, nearly the uniform average of the whole run).
+  different pair (``σ_rel = 0.28 ↔ γ ≈ 0.17``, nearly the uniform average of the whole run).
   ``γ ≥ 0`` covers ``σ_rel ∈ (0, 1/√12 ≈ 0.2887]``.
 
   **Updates every n steps, folded exactly.** The product of the per-step betas over steps
