@@ -785,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings (files named *_quick*)")
     p.add_argument("--cost", action="store_true", help="only the 160M cost micro-benchmark")
     p.add_argument("--sizes", nargs="+", default=None, help="subset of the size labels")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="subset of the seeds")
     p.add_argument("--out", default=str(_ROOT / "benchmarks" / "results"))
     p.add_argument("--cache", default=None, help="folder for data and runs (default: averaging.py's)")
     p.add_argument("--reanalyse", action="store_true", help="evaluate cached runs again")
@@ -814,6 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         runs = []
         for seed in cfg.seeds:
+            if args.seeds is not None and seed not in args.seeds:
+                continue
             folder = cache / f"anytime-{cfg.name}-{size[0]}-s{seed}-{cfg.run_key(size, seed)}"
             if args.stage == "analyse":
                 while not (folder / "meta.json").exists():
