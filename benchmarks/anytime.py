@@ -717,8 +717,8 @@ def plot(cfg: AnytimeConfig, results: Mapping[str, Any], path: Path) -> None:
         ax.set_xlabel("step (late saves)")
         ax.set_ylabel("test loss − latest (nats)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Constant-LR soups vs the annealed model ending at the same step "
-                 "(below 0 = better than the latest weights)", fontsize=11)
+    fig.suptitle("Constant-LR soups and the annealed run ending at t\n(test loss minus the "
+                 "latest weights'; below 0 = better)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
