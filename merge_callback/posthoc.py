@@ -69,6 +69,7 @@ __all__ = [
     "SnapshotStore",
     "AccumulateStats",
     "NEGLIGIBLE_WEIGHT",
+    "accumulate_into_",
 ]
 
 #: Largest σ_rel with a non-decreasing profile (γ = 0: uniform average of the whole run).
@@ -577,7 +578,9 @@ class SnapshotStore:
         """Set ``out[k] = Σ w_i · snapshot_i[k]`` for every key of ``out``, in place.
 
         Each snapshot file is opened once and read one tensor at a time (``safe_open``), added in
-        fp32 (``out``'s tensors must be fp32; they are zeroed first). A weight with
+        fp32 (``out``'s tensors must be fp32; they are zeroed first). A source may also be a
+        mapping of tensors already in memory (e.g. the live tracks at the current step), which
+        is read without touching the disk. A weight with
         ``|w_i| < negligible · Σ|w|`` is skipped and the remaining weights rescaled to keep
         ``Σ w`` unchanged; the element-wise error this causes is at most
         ``(Σ_skipped |w_i|) · max_{i,j} |snapshot_i − snapshot_j|`` (≤ ``n · negligible · Σ|w|``
@@ -586,7 +589,8 @@ class SnapshotStore:
 
         Args:
             out: ``{key: fp32 tensor}`` to fill (any device; the snapshot tensor is moved to it).
-            weighted: ``(entry, weight)`` pairs; an entry may appear once.
+            weighted: ``(source, weight)`` pairs, a source being a :class:`SnapshotEntry` or a
+                ``{key: tensor}`` mapping; a source may appear once.
             negligible: relative threshold in ``[0, 1)`` (0 keeps every nonzero weight).
 
         Returns:
@@ -601,8 +605,12 @@ class SnapshotStore:
         if not _is_real(negligible) or not (0.0 <= negligible < 1.0):
             raise ValueError(f"negligible must be a number in [0, 1), got {negligible!r}")
         pairs = [(e, float(w)) for e, w in weighted]
-        paths = [e.path for e, _ in pairs]
-        if len(set(paths)) != len(paths):
+        for e, _ in pairs:
+            if not isinstance(e, (SnapshotEntry, Mapping)):
+                raise ValueError(f"a source must be a SnapshotEntry or a mapping of tensors, got "
+                                 f"{type(e).__name__}")
+        ids = [e.path if isinstance(e, SnapshotEntry) else id(e) for e, _ in pairs]
+        if len(set(ids)) != len(ids):
             raise ValueError("each snapshot may appear once in the weighted list")
         if not pairs or not all(math.isfinite(w) for _, w in pairs):
             raise ValueError(f"weights must be finite and non-empty, got {[w for _, w in pairs]}")
@@ -615,13 +623,24 @@ class SnapshotStore:
                 raise ValueError(f"output tensor {k!r} must be float32, got {v.dtype}")
         stats = AccumulateStats()
         t0 = time.perf_counter()
-        kept = [(e, w) for e, w in pairs if abs(w) >= negligible * abs_total and w != 0]
+        keep = [abs(w) >= negligible * abs_total and w != 0 for _, w in pairs]
+        kept = [p for p, k in zip(pairs, keep) if k]
         stats.files_skipped = len(pairs) - len(kept)
-        stats.skipped_weight = math.fsum(abs(w) for e, w in pairs if (e, w) not in kept)
+        stats.skipped_weight = math.fsum(abs(w) for (_, w), k in zip(pairs, keep) if not k)
         scale = total / math.fsum(w for _, w in kept)
         for v in out.values():
             v.zero_()
         for e, w in kept:
+            if isinstance(e, Mapping):
+                for k, v in out.items():
+                    if k not in e:
+                        raise ValueError(f"in-memory source has no tensor {k!r}")
+                    t = e[k]
+                    if t.shape != v.shape:
+                        raise ValueError(f"in-memory source tensor {k!r} has shape "
+                                         f"{tuple(t.shape)}, expected {tuple(v.shape)}")
+                    v.add_(t.to(v.device, torch.float32), alpha=w * scale)
+                continue
             with safe_open(str(e.path), framework="pt") as f:
                 names = set(f.keys())
                 for k, v in out.items():
@@ -636,3 +655,7 @@ class SnapshotStore:
             stats.files_read += 1
         stats.seconds = time.perf_counter() - t0
         return stats
+
+
+#: Module-level name for :meth:`SnapshotStore.accumulate_into_`.
+accumulate_into_ = SnapshotStore.accumulate_into_

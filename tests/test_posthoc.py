@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from merge_callback.posthoc import (
-    SIGMA_REL_MAX, PowerEmaTrack, SnapshotStore, gamma_to_sigma_rel, power_ema_beta,
+    SIGMA_REL_MAX, PowerEmaTrack, SnapshotStore, accumulate_into_, gamma_to_sigma_rel, power_ema_beta,
     power_ema_step_weights, power_profile_inner, reconstructed_step_weights,
     reconstruction_weights, sigma_rel_to_gamma, window_weights)
 
@@ -284,12 +284,20 @@ def test_store_accumulate_reads_each_snapshot_once(tmp_path):
     st = SnapshotStore.accumulate_into_(out, [(es[0], 1.0), (es[1], 1e-6)], negligible=1e-4)
     assert st.files_read == 1 and st.files_skipped == 1 and st.skipped_weight == 1e-6
     torch.testing.assert_close(out["a"], sds[0]["a"] * (1.0 + 1e-6))
+    # in-memory sources (the live tracks) mix with files; only files count as bytes read
+    st = accumulate_into_(out, [(es[0], 0.5), ({"a": sds[1]["a"], "b": sds[1]["b"]}, 0.5)])
+    torch.testing.assert_close(out["a"], 0.5 * (sds[0]["a"] + sds[1]["a"]))
+    assert st.files_read == 1 and st.bytes_read == 4 * (12 + 7)
 
 
 def test_store_accumulate_validation(tmp_path):
     store = SnapshotStore(tmp_path, keep=None)
     e = store.put(1, "raw", _sd(0))
     out = {"a": torch.zeros(4, 3)}
+    with pytest.raises(ValueError, match="a source must be a SnapshotEntry or a mapping"):
+        SnapshotStore.accumulate_into_(out, [("file.safetensors", 1.0)])
+    with pytest.raises(ValueError, match="in-memory source has no tensor 'a'"):
+        SnapshotStore.accumulate_into_(out, [({"b": torch.zeros(1)}, 1.0)])
     with pytest.raises(ValueError, match="each snapshot may appear once"):
         SnapshotStore.accumulate_into_(out, [(e, 0.5), (e, 0.5)])
     with pytest.raises(ValueError, match="weights must be finite and non-empty"):
