@@ -558,6 +558,21 @@ def report(cfg: AnytimeConfig, results: Mapping[str, Any], cost: Mapping[str, An
             if c["n"]:
                 L_.append(f"| {title} | {c['wins']}/{c['n']} | {c['mean_gap']:+.4f} | "
                           f"{c['worst_gap']:+.4f} |")
+        edge = {fam: sum(r["hindsight"][fam]["oracle"] == first for run in res["runs"]
+                         for r in run["rows"])
+                for fam, first in (("ema", f"ema{cfg.user_ema_decays[0]:g}"),
+                                   ("pexact", f"pexact{cfg.power_grid[0]:g}"))}
+        n_late = sum(len(run["rows"]) for run in res["runs"])
+        fams: dict[str, int] = {}
+        for run in res["runs"]:
+            for r in run["rows"]:
+                f = r["choice"]["mode"]["key"][0]
+                fams[f] = fams.get(f, 0) + 1
+        L_ += ["", f"The hindsight decay of (a) was the shortest of the grid "
+               f"({cfg.user_ema_decays[0]:g}) at {edge['ema']}/{n_late} late saves; the hindsight "
+               f"σ_rel of (b) was the smallest of its grid ({cfg.power_grid[0]:g}) at "
+               f"{edge['pexact']}/{n_late}. Families the mode chose at the late saves: {fams} "
+               "(`blend` = a post-hoc EMA blended with the latest weights)."]
         L_ += ["", "Ablations (same rounds, families restricted; vs (a) oracle / (c) WSM 4 / "
                "(e) latest):", "", "| variant | vs (a) | vs (b) | vs WSM4 | vs latest | mean test loss |",
                "|---|---|---|---|---|---|"]
