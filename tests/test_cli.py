@@ -810,3 +810,20 @@ def test_sweep_and_heatmap_configs_round_trip(tmp_path):
         cfg = tmp_path / f"{argv[0]}.yaml"
         cfg.write_text(dump_config(ns))
         assert config_dict(parse_args([argv[0], "--config", str(cfg)])) == config_dict(ns)
+
+
+def test_lm_eval_tasks_choose_the_soup(ws):
+    """--lm_eval: candidates are scored by lm-evaluation-harness on a shipped offline task; the
+    recorded value equals lm-eval run directly on the written soup."""
+    pytest.importorskip("lm_eval")
+    from merge_callback.lmeval import LOCAL_PPL_TASK, run_lm_eval
+
+    a, b = ws["hf"][:2]
+    out = ws["root"] / "lm-eval-soup"
+    rec = run(["merge", str(a), str(b), "--lm_eval", LOCAL_PPL_TASK, "--lm_eval_limit", "6",
+               "--budget", "3", "--out", str(out), *EVAL])
+    assert rec["fitness"]["higher_is_better"] is False
+    assert rec["value"] == min(o["value"] for o in rec["observations"])
+    soup = AutoModelForCausalLM.from_pretrained(out)
+    direct = run_lm_eval(soup, [LOCAL_PPL_TASK], ws["tok"], limit=6, batch_size=4)
+    assert rec["value"] == direct["results"][LOCAL_PPL_TASK]["word_perplexity,none"]

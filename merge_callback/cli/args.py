@@ -111,6 +111,16 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                         "With several, the fitness is their weighted macro-average (WEIGHT "
                         "defaults to 1; when losses and accuracies are mixed, losses count "
                         "negatively and higher is better)")
+    g.add_argument("--lm_eval", metavar="TASK[,TASK...]",
+                   help="also score candidates on lm-evaluation-harness tasks (needs `pip install "
+                        "'merge_callback[eval]'`): registry names, tasks under --lm_eval_include, "
+                        "or the shipped offline ones (merge_callback_next_line, "
+                        "merge_callback_macbeth_ppl); their macro-average is one more held-out "
+                        "shard named lm-eval")
+    g.add_argument("--lm_eval_limit", type=positive_int, metavar="N",
+                   help="score at most N examples per lm-eval task (default: all)")
+    g.add_argument("--lm_eval_include", action="append", metavar="DIR",
+                   help="folder of local lm-eval task YAMLs, repeatable")
     g.add_argument("--metric", choices=LM_METRICS, default="loss",
                    help="metric for language-modelling held-out data (multiple-choice tasks always "
                         "use accuracy)")

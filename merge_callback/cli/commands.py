@@ -99,9 +99,10 @@ def _cmd_merge(ns: argparse.Namespace) -> dict[str, Any]:
     except ValueError as exc:
         raise CLIError(f"--max_shard_size: {exc}") from None
     searched = method in ("bayes", "cmaes", "greedy")
-    if searched and not ns.heldout:
+    if searched and not ns.heldout and not ns.lm_eval:
         raise CLIError(f"--heldout is required for --method {method} (candidates are scored on "
-                       "held-out data); for a plain merge pass --weights or --method uniform")
+                       "held-out data, or on lm-eval tasks with --lm_eval); for a plain merge "
+                       "pass --weights or --method uniform")
     if method == "cmaes":
         from merge_callback.nway import import_optuna
 

@@ -334,10 +334,10 @@ class MergeSession:
         names = [s.name for s in self.specs]
         if len(set(names)) < len(names):
             raise CLIError(f"--heldout names must be unique, got {names}; name them NAME=PATH")
-        if need_eval and not self.specs:
+        if need_eval and not self.specs and not ns.lm_eval:
             raise CLIError("--heldout is required here (the held-out data the candidates are "
                            "scored on)")
-        if self.specs and self.format != "hf" and self.model_path is None:
+        if (self.specs or ns.lm_eval) and self.format != "hf" and self.model_path is None:
             raise CLIError(f"evaluating {self.format} checkpoints needs their architecture: pass "
                            "--model with a Hugging Face folder or config.json of the model (and "
                            "--key_prefix if the tensor names carry one other than 'model.'); "
@@ -350,6 +350,8 @@ class MergeSession:
             except PreflightError as exc:
                 raise CLIError(str(exc)) from None
         self.shards = [self._load_shard(s) for s in self.specs]
+        if ns.lm_eval:
+            self.shards.append(self._lm_eval_shard())
         if self.format != "hf" and self.model_config is not None:
             # build and bind the evaluation model now: a --model that does not fit the
             # checkpoints fails here, before any evaluation or write
@@ -455,6 +457,25 @@ class MergeSession:
         return self._tokenizer
 
     # -- held-out data -------------------------------------------------------------------------
+
+    def _lm_eval_shard(self) -> _Shard:
+        """``--lm_eval``: one shard whose metric runs lm-evaluation-harness on the soup."""
+        try:
+            from merge_callback.lmeval import LmEvalMetric
+        except ImportError as exc:
+            raise CLIError(str(exc)) from None
+        tasks = [t.strip() for t in self.ns.lm_eval.split(",") if t.strip()]
+        for d in self.ns.lm_eval_include or []:
+            if not Path(d).is_dir():
+                raise CLIError(f"--lm_eval_include {d} is not a folder (expected a folder of "
+                               "lm-eval task YAMLs)")
+        try:
+            metric = LmEvalMetric(tasks, tokenizer=self.tokenizer(), limit=self.ns.lm_eval_limit,
+                                  include_path=self.ns.lm_eval_include or None,
+                                  batch_size=self.ns.batch_size)
+        except (ImportError, ValueError) as exc:
+            raise CLIError(f"--lm_eval {self.ns.lm_eval}: {_first_line(exc)}") from None
+        return _Shard(HeldoutSpec("lm-eval", Path(self.ns.lm_eval)), "lm_eval", (), metric, 0)
 
     def _load_shard(self, spec: HeldoutSpec) -> _Shard:
         from torch.utils.data import DataLoader
