@@ -1,0 +1,137 @@
+"""averaging="auto": power-function EMA tracks, the snapshot store and the 12-evaluation round,
+under a real Lightning Trainer and a real Hugging Face Trainer (tiny GPT-NeoX)."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_helpers import loaders, module
+from merge_callback import BayesMergeCallback
+from merge_callback.engine.options import AUTO
+from merge_callback.posthoc import SnapshotStore, reconstruction_weights, sigma_rel_to_gamma
+from test_lightning import assert_same_tensors, run
+
+AUTO_ARGS = dict(averaging="auto", snapshot_every=2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"averaging": "mean"}, r"averaging must be one of 'pairwise', 'auto', got 'mean'"),
+    ({"averaging": None}, r"averaging must be one of 'pairwise', 'auto', got None"),
+    ({"averaging": "auto", "history": 4},
+     r"averaging='auto' chooses its own averages and cannot be combined with history=4"),
+    ({"averaging": "auto", "ema_decays": (0.9,), "snapshot_every": 5},
+     r"averaging='auto' .* cannot be combined with ema_decays=\[0.9\]"),
+    ({"averaging": "auto", "history": 3, "ema_decays": (0.9,)},
+     r"cannot be combined with history=3, ema_decays=\[0.9\]"),
+    ({"averaging": "auto", "snapshot_every": 0},
+     r"snapshot_every must be a positive integer or None, got 0"),
+])
+def test_averaging_argument_is_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BayesMergeCallback(**kwargs)
+
+
+def test_auto_defaults():
+    cb = BayesMergeCallback(averaging="auto")
+    assert cb.schedule.snapshot_every == 10 and not cb.pairwise_only
+    assert [t.sigma_rel for t in cb.schedule.tracks] == [0.05, 0.15]
+    assert AUTO.budget == 12
+    assert BayesMergeCallback().schedule.averaging == "pairwise"
+
+
+def _check_soups(cb, soups, steps):
+    assert [h["step"] for h in cb.history] == steps
+    for h in cb.history:
+        info = json.loads((soups / f"soup-step={h['step']}.json").read_text())
+        assert info["averaging"] == "auto"
+        # 12 evaluations at most (repeated candidates are not evaluated twice), plus the
+        # previous save once when its value is not known from the last round
+        assert info["evaluations"] - info["extra_evaluations"] <= 12
+        assert info["extra_evaluations"] == (1 if h is cb.history[0] else 0)
+        assert info["value_soup"] == min(c["value"] for c in info["candidates"])
+        assert info["value_soup"] <= info["value_latest"]
+        assert {c["family"] for c in info["candidates"]} >= {"latest", "phema", "window",
+                                                            "pairwise"}
+        assert math.fsum(info["weights"]) == pytest.approx(1.0, abs=1e-12)
+        assert len(info["inputs"]) == len(info["weights"])
+        assert h["family"] == info["family"] and h["param"] == info["param"]
+        m = module()
+        m.load_state_dict(load_file(str(soups / f"soup-step={h['step']}.safetensors")))
+        assert cb._evaluator(m) == pytest.approx(info["value_soup"], rel=1e-9)
+    return [json.loads((soups / f"soup-step={h['step']}.json").read_text()) for h in cb.history]
+
+
+def test_auto_rounds_write_what_they_evaluated(tmp_path):
+    cb = BayesMergeCallback(heldout=loaders()[1], **AUTO_ARGS)
+    run(tmp_path, cb, max_steps=40)
+    soups = tmp_path / "ckpt" / "soups"
+    infos = _check_soups(cb, soups, [20, 30, 40])  # the first save has no previous one
+    # the store: the raw weights and both tracks at every save, fp32
+    store = SnapshotStore(soups / ".averaging", keep=None)
+    assert [(e.step, e.kind) for e in store.entries()] == [
+        (s, k) for s in (10, 20, 30, 40) for k in ("phema0.05", "phema0.15", "raw")]
+    # between saves the host keeps the two tracks only; they were last updated at step 40
+    assert cb.schedule.ring == [] and [t.step for t in cb.schedule.tracks] == [40, 40]
+    # the post-hoc EMA's least-squares coefficients, as recorded, sum to 1 and are exactly the
+    # reconstruction over every track snapshot up to the round's step
+    for info in infos:
+        rec = info.get("reconstruction")
+        if rec is None:
+            continue
+        assert math.fsum(rec["weights"]) == pytest.approx(1.0, abs=1e-12)
+        want = reconstruction_weights(
+            [i["step"] for i in rec["inputs"]],
+            [sigma_rel_to_gamma(float(i["name"][5:])) for i in rec["inputs"]],
+            rec["sigma_rel"], info["step"])
+        assert rec["weights"] == want.tolist()
+    assert any("reconstruction" in info for info in infos)
+
+
+def test_auto_keeps_training_bitwise_unchanged(tmp_path):
+    _, m1 = run(tmp_path / "a", BayesMergeCallback(heldout=loaders()[1], **AUTO_ARGS),
+                dropout=0.1, shuffle=True)
+    _, m2 = run(tmp_path / "b", dropout=0.1, shuffle=True)
+    assert_same_tensors(m1.state_dict(), m2.state_dict())
+
+
+def test_auto_resume_gives_the_same_history_and_soups(tmp_path):
+    full = BayesMergeCallback(heldout=loaders()[1], **AUTO_ARGS)
+    run(tmp_path / "full", full, max_steps=40)
+    run(tmp_path / "part", BayesMergeCallback(heldout=loaders()[1], **AUTO_ARGS), max_steps=20)
+    resumed = BayesMergeCallback(heldout=loaders()[1], **AUTO_ARGS)
+    ckpt = tmp_path / "part" / "ckpt" / "epoch=1-step=20.ckpt"
+    stored = torch.load(ckpt, weights_only=True)[resumed._tensors_key]
+    assert {k: v["step"] for k, v in stored["ema"].items()} == {"phema0.05": 20,
+                                                                 "phema0.15": 20}
+    run(tmp_path / "part", resumed, max_steps=40, ckpt_path=str(ckpt))
+    assert resumed.history == full.history
+    for step in (30, 40):
+        a = tmp_path / "full" / "ckpt" / "soups" / f"soup-step={step}.safetensors"
+        b = tmp_path / "part" / "ckpt" / "soups" / f"soup-step={step}.safetensors"
+        assert_same_tensors(load_file(str(a)), load_file(str(b)))
+
+
+def test_auto_under_the_hf_trainer(tmp_path):
+    pytest.importorskip("transformers")
+    from merge_callback import BayesMergeTrainerCallback
+    from merge_callback.io.soups import read_tensor_state
+    from test_hf import from_pretrained, heldout_set
+    from test_hf import run as hf_run
+
+    cb = BayesMergeTrainerCallback(heldout=heldout_set(), **AUTO_ARGS)
+    hf_run(tmp_path, cb, max_steps=20)
+    assert [h["step"] for h in cb.history] == [20]
+    info = json.loads((tmp_path / "soups" / "soup-20" / "merge.json").read_text())
+    assert info["averaging"] == "auto" and info["value_soup"] <= info["value_latest"]
+    assert math.fsum(info["weights"]) == pytest.approx(1.0, abs=1e-12)
+    soup = from_pretrained(tmp_path / "soups" / "soup-20")
+    assert cb._evaluator(soup) == pytest.approx(info["value_soup"], rel=1e-9)
+    state = read_tensor_state(tmp_path / "checkpoint-20" / "merge_callback_state.safetensors")
+    assert {k: v["step"] for k, v in state["ema"].items()} == {"phema0.05": 20,
+                                                                "phema0.15": 20}
+    for track in cb.schedule.tracks:
+        assert_same_tensors(state["ema"][f"phema{track.sigma_rel:g}"]["tensors"], track.tensors)
+    assert cb.state()["args"]["averaging"] == "auto"
