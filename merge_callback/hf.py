@@ -272,6 +272,7 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
     def _restore(self, args, state, module: nn.Module) -> None:
         if state.global_step == 0:  # a new run, also when this instance ran before
             self.merge_state = MergeSchedule.initial_state()
+            self.schedule.resume(module, 0)  # averaging="auto": clears a stale snapshot store
             return
         stored = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(stored, list):

@@ -65,12 +65,13 @@ def _check_soups(cb, soups, steps):
 
 
 def test_auto_rounds_write_what_they_evaluated(tmp_path):
+    soups = tmp_path / "ckpt" / "soups"
+    store = SnapshotStore(soups / ".averaging", keep=None)
+    store.put(15, "raw", module().state_dict())  # another run's snapshot: a new run removes it
     cb = BayesMergeCallback(heldout=loaders()[1], **AUTO_ARGS)
     run(tmp_path, cb, max_steps=40)
-    soups = tmp_path / "ckpt" / "soups"
     infos = _check_soups(cb, soups, [20, 30, 40])  # the first save has no previous one
     # the store: the raw weights and both tracks at every save, fp32
-    store = SnapshotStore(soups / ".averaging", keep=None)
     assert [(e.step, e.kind) for e in store.entries()] == [
         (s, k) for s in (10, 20, 30, 40) for k in ("phema0.05", "phema0.15", "raw")]
     # between saves the host keeps the two tracks only; they were last updated at step 40
@@ -88,6 +89,16 @@ def test_auto_rounds_write_what_they_evaluated(tmp_path):
             rec["sigma_rel"], info["step"])
         assert rec["weights"] == want.tolist()
     assert any("reconstruction" in info for info in infos)
+    # each soup is, bitwise, the recorded weights applied to the stored snapshots (the fp32
+    # accumulation of the round; the tiny model is fp32)
+    entries = {(e.kind, e.step): e for e in store.entries()}
+    for info in infos:
+        soup = load_file(str(soups / f"soup-step={info['step']}.safetensors"))
+        out = {k: torch.zeros_like(v) for k, v in soup.items() if v.is_floating_point()}
+        SnapshotStore.accumulate_into_(out, [(entries[(i["name"], i["step"])], w) for i, w in
+                                             zip(info["inputs"], info["weights"])], negligible=0)
+        for k, v in out.items():
+            assert torch.equal(v, soup[k]), k
 
 
 def test_auto_keeps_training_bitwise_unchanged(tmp_path):
