@@ -146,3 +146,58 @@ def test_auto_under_the_hf_trainer(tmp_path):
     for track in cb.schedule.tracks:
         assert_same_tensors(state["ema"][f"phema{track.sigma_rel:g}"]["tensors"], track.tensors)
     assert cb.state()["args"]["averaging"] == "auto"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_round_restores_and_writes_the_scored_candidate(tmp_path, dtype):
+    """run_round with an AutoPlan on a module in ``dtype``: every candidate is scored in the live
+    tensors, the live weights come back bitwise, and build_mix_soup gives bitwise the tensors
+    that were scored for the chosen candidate."""
+    from merge_callback.engine import RoundConfig, Snapshot, run_round
+    from merge_callback.engine.round import build_mix_soup
+    from merge_callback.engine.schedule import MergeSchedule
+    from merge_callback.evaluate import resolve_metric
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(dtype)
+    sch = MergeSchedule(RoundConfig(), resolve_metric("loss"), averaging="auto")
+    from merge_callback.posthoc import SnapshotStore
+
+    sch.store = SnapshotStore(tmp_path / "store", keep=16)
+    target = {k: torch.randn_like(v, dtype=torch.float32) for k, v in net.state_dict().items()}
+    keys = list(net.state_dict())
+    for step in range(1, 41):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        if step % 2 == 0:
+            sch.on_train_step(net, step)
+        if step % 10 == 0:
+            latest = Snapshot.capture(net, step)
+            sch._update_tracks(net, step, latest.tensors) if sch.tracks[0].step < step else None
+            sch.store.put(step, "raw", latest.tensors)
+            for t in sch.tracks:
+                sch.store.put(step, sch.track_name(t), t.tensors, {"gamma": t.gamma})
+    plan = sch.auto_plan(latest)
+    assert [r.step for r in plan.raws] == [10, 20, 30, 40]
+    scored = []
+
+    def evaluate(m):
+        sd = {k: v.clone() for k, v in m.state_dict().items()}
+        scored.append(sd)
+        return float(sum(((sd[k].float() - target[k]) ** 2).sum() for k in keys))
+
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = run_round(net, {"latest": latest}, plan, evaluate, RoundConfig())
+    assert_same_tensors(net.state_dict(), before)
+    # at most the mode's 12 evaluations (a repeated candidate is not evaluated again), plus the
+    # previous save once (its value is not known here)
+    assert len(scored) == res.extras["evaluations"] and res.extra_evaluations == 1
+    assert 9 <= len(scored) - 1 <= 12
+    base = (res.extras["blend_of"]["family"], res.extras["blend_of"]["param"]) \
+        if "blend_of" in res.extras else None
+    soup = build_mix_soup(latest, plan.mix(res.family, res.param, base), module=net)
+    assert res.value_soup == min(c["value"] for c in res.extras["candidates"])
+    matches = [sd for sd in scored if all(torch.equal(sd[k], soup[k]) for k in keys)]
+    assert matches, "the written soup is none of the scored candidates"
+    assert all(v.dtype == dtype for v in soup.values())

@@ -454,13 +454,16 @@ def build_mix_soup(latest: Snapshot, mix: Mix, module: nn.Module | None = None
         keys = [k for k, v in latest_sd.items()
                 if is_mergeable(v) and not (id(v) in seen or seen.add(id(v)))]
     scratch = {k: torch.empty(latest_sd[k].shape, dtype=torch.float32) for k in keys}
-    dests = [torch.empty_like(latest_sd[k]) for k in keys]
     if module is not None:
         live = [x for _, x in live_targets(module, latest_sd)]
         if any(x.device.type != "cpu" for x in live):
+            dests = [torch.empty_like(latest_sd[k]) for k in keys]
             return soup_from_live(latest_sd, keys, live, dests,
                                   lambda: mix_into_(live, keys, mix, scratch),
                                   refresh=lambda: _refresh(module))
+    # on the host an fp32 tensor is its scratch itself (no second copy); others are converted
+    dests = [scratch[k] if latest_sd[k].dtype == torch.float32 else torch.empty_like(latest_sd[k])
+             for k in keys]
     mix_into_(dests, keys, mix, scratch)
     by_id = {id(latest_sd[k]): d for k, d in zip(keys, dests)}
     return {k: by_id.get(id(v), v) if is_mergeable(v) else v for k, v in latest_sd.items()}
