@@ -148,21 +148,18 @@ def test_auto_under_the_hf_trainer(tmp_path):
     assert cb.state()["args"]["averaging"] == "auto"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_engine_round_restores_and_writes_the_scored_candidate(tmp_path, dtype):
-    """run_round with an AutoPlan on a module in ``dtype``: every candidate is scored in the live
-    tensors, the live weights come back bitwise, and build_mix_soup gives bitwise the tensors
-    that were scored for the chosen candidate."""
-    from merge_callback.engine import RoundConfig, Snapshot, run_round
-    from merge_callback.engine.round import build_mix_soup
+def _engine_setup(tmp_path, dtype):
+    """A small module trained by hand for 40 steps with the auto schedule's tracks and store
+    (tracks every 2 steps, saves every 10); returns (module, schedule, latest, plan, evaluate,
+    scored) with ``evaluate`` a deterministic distance to a fixed target that records each
+    scored state."""
+    from merge_callback.engine import RoundConfig, Snapshot
     from merge_callback.engine.schedule import MergeSchedule
     from merge_callback.evaluate import resolve_metric
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(dtype)
     sch = MergeSchedule(RoundConfig(), resolve_metric("loss"), averaging="auto")
-    from merge_callback.posthoc import SnapshotStore
-
     sch.store = SnapshotStore(tmp_path / "store", keep=16)
     target = {k: torch.randn_like(v, dtype=torch.float32) for k, v in net.state_dict().items()}
     keys = list(net.state_dict())
@@ -174,12 +171,9 @@ def test_engine_round_restores_and_writes_the_scored_candidate(tmp_path, dtype):
             sch.on_train_step(net, step)
         if step % 10 == 0:
             latest = Snapshot.capture(net, step)
-            sch._update_tracks(net, step, latest.tensors) if sch.tracks[0].step < step else None
             sch.store.put(step, "raw", latest.tensors)
             for t in sch.tracks:
                 sch.store.put(step, sch.track_name(t), t.tensors, {"gamma": t.gamma})
-    plan = sch.auto_plan(latest)
-    assert [r.step for r in plan.raws] == [10, 20, 30, 40]
     scored = []
 
     def evaluate(m):
@@ -187,6 +181,21 @@ def test_engine_round_restores_and_writes_the_scored_candidate(tmp_path, dtype):
         scored.append(sd)
         return float(sum(((sd[k].float() - target[k]) ** 2).sum() for k in keys))
 
+    return net, sch, latest, sch.auto_plan(latest), evaluate, scored
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_round_restores_and_writes_the_scored_candidate(tmp_path, dtype):
+    """run_round with an AutoPlan on a module in ``dtype``: every candidate is scored in the live
+    tensors, the live weights come back bitwise, and build_mix_soup gives bitwise the tensors
+    that were scored for the chosen candidate."""
+    from merge_callback.engine import RoundConfig, run_round
+    from merge_callback.engine.round import build_mix_soup
+
+    net, sch, latest, plan, evaluate, scored = _engine_setup(tmp_path, dtype)
+    keys = list(net.state_dict())
+    assert [r.step for r in plan.raws] == [10, 20, 30, 40]
+    assert [t.step for t in sch.tracks] == [40, 40]
     before = {k: v.clone() for k, v in net.state_dict().items()}
     res = run_round(net, {"latest": latest}, plan, evaluate, RoundConfig())
     assert_same_tensors(net.state_dict(), before)
@@ -201,3 +210,22 @@ def test_engine_round_restores_and_writes_the_scored_candidate(tmp_path, dtype):
     matches = [sd for sd in scored if all(torch.equal(sd[k], soup[k]) for k in keys)]
     assert matches, "the written soup is none of the scored candidates"
     assert all(v.dtype == dtype for v in soup.values())
+
+
+def test_engine_round_warm_start_and_failure(tmp_path):
+    from merge_callback.engine import MergeRoundError, RoundConfig, run_round
+
+    net, sch, latest, plan, evaluate, scored = _engine_setup(tmp_path, torch.float32)
+    res = run_round(net, {"latest": latest}, plan, evaluate, RoundConfig(warm_start=True),
+                    initial={"phema": 0.1, "window": 3, "pairwise": 0.8}, value_previous=1.0)
+    params = {}
+    for c in res.extras["candidates"]:
+        params.setdefault(c["family"], []).append(c["param"])
+    # each family's search evaluates the last round's optimum right after its two ends
+    assert params["phema"][:3] == [0.02, 0.28, 0.1]
+    assert params["window"][:3] == [2, 4, 3]  # W = 16 is clipped to the 4 saves there are
+    assert params["pairwise"][:2] == [0.5, 0.8] and res.extra_evaluations == 0
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(MergeRoundError, match=r"merge round at step 40: held-out metric is nan"):
+        run_round(net, {"latest": latest}, plan, lambda m: float("nan"), RoundConfig())
+    assert_same_tensors(net.state_dict(), before)
