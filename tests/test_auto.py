@@ -215,7 +215,7 @@ def test_engine_round_restores_and_writes_the_scored_candidate(tmp_path, dtype):
 def test_engine_round_warm_start_and_failure(tmp_path):
     from merge_callback.engine import MergeRoundError, RoundConfig, run_round
 
-    net, sch, latest, plan, evaluate, scored = _engine_setup(tmp_path, torch.float32)
+    net, _, latest, plan, evaluate, _ = _engine_setup(tmp_path, torch.float32)
     res = run_round(net, {"latest": latest}, plan, evaluate, RoundConfig(warm_start=True),
                     initial={"phema": 0.1, "window": 3, "pairwise": 0.8}, value_previous=1.0)
     params = {}

@@ -67,6 +67,11 @@ class RoundResult:
     ``lam`` is the weight of the latest weights in the chosen soup. Rounds over several families
     add ``extras``: ``family``, ``param``, ``inputs`` (source names and steps), ``weights`` and
     ``candidates`` (every evaluation as ``{"family", "param", "value"}`` in order).
+    ``averaging="auto"`` rounds also record ``averaging``, ``searched`` (each family's optimum:
+    ``phema`` σ_rel, ``window`` W, ``pairwise`` λ), ``blend_of`` (the blended candidate's family
+    and param) and ``reconstruction`` (σ_rel, the track snapshots and their least-squares
+    coefficients) when a post-hoc EMA is chosen or blended; their ``inputs`` name stored
+    snapshots (``raw``, ``phema<σ>``) and ``weights`` are the ones applied.
     """
 
     step: int
