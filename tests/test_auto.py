@@ -229,3 +229,59 @@ def test_engine_round_warm_start_and_failure(tmp_path):
     with pytest.raises(MergeRoundError, match=r"merge round at step 40: held-out metric is nan"):
         run_round(net, {"latest": latest}, plan, lambda m: float("nan"), RoundConfig())
     assert_same_tensors(net.state_dict(), before)
+
+
+def test_engine_round_chooses_what_the_anytime_benchmark_chose(tmp_path):
+    """benchmarks/anytime.py --quick simulates the mode offline; the engine's round, on the
+    snapshots that run stored and the same selection shard, makes the same choice with the same
+    held-out value at every late save (bitwise: the same searches over the same evaluations)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import averaging as av
+    from benchmarks.anytime import QUICK as cfg
+    from benchmarks.anytime import main
+    from merge_callback.engine import RoundConfig, Snapshot, run_round
+    from merge_callback.engine.families import AutoPlan, StoredWeights
+    from merge_callback.engine.options import AutoMode
+    from merge_callback.io import load_state_dict
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert main(["--quick", "--out", str(out), "--cache", str(cache)]) == 0
+    res = json.loads((out / "anytime_quick.json").read_text())["results"]
+    data = av.build_data(av.QUICK, cache)
+    mode = AutoMode(track_sigmas=cfg.track_sigmas, snapshot_every=cfg.snapshot_every,
+                    sigma_range=cfg.sigma_range, window_kind=cfg.window_kind,
+                    window_range=cfg.window_range, budget_phema=cfg.budget_phema,
+                    budget_window=cfg.budget_window, budget_pairwise=cfg.budget_pairwise,
+                    budget_blend=cfg.budget_blend)
+    size, seed = cfg.sizes[0], cfg.seeds[0]
+    (folder,) = cache.glob(f"anytime-{cfg.name}-{size[0]}-s{seed}-*")
+    rows = {r["step"]: r for r in res[size[0]]["runs"][0]["rows"]}
+    scorer = av.Scorer(cfg.avg_config(size, seed), {"sel": data.shards["sel"][: cfg.shard_blocks]})
+    net, evaluate = scorer.module, scorer.evaluators["sel"]
+    entries = SnapshotStore(folder / "snaps", keep=None).entries()
+    gammas = {e.kind: float(e.metadata()["info"]["gamma"]) for e in entries if e.kind != "raw"}
+    for t in cfg.late_steps:
+        sd = net.state_dict()
+        sd.update(load_state_dict(folder / "snaps" / f"snap-step{t:09d}-raw.safetensors"))
+        net.load_state_dict(sd)
+        latest = Snapshot.capture(net, t)
+        lat = StoredWeights("raw", t, latest.tensors)
+        plan = AutoPlan(
+            step=t, latest=lat, alpha=0.5, mode=mode,
+            raws=[StoredWeights("raw", e.step, e) for e in entries
+                  if e.kind == "raw" and e.step < t] + [lat],
+            tracks=[(StoredWeights(e.kind, e.step, e), gammas[e.kind]) for e in entries
+                    if e.kind != "raw" and e.step <= t])
+        r = run_round(net, {"latest": latest}, plan, evaluate, RoundConfig(alpha=0.5),
+                      value_previous=0.0)
+        ch = rows[t]["choice"]["mode"]
+        assert r.value_soup == ch["sel"]
+        assert r.extras["searched"] == {"phema": ch["phema_sigma"], "window": ch["window_W"],
+                                        "pairwise": ch["pair_lambda"]}
+        assert {"ph": "phema", "win": "window", "pair": "pairwise"}.get(
+            ch["key"][0], ch["key"][0]) == r.family
