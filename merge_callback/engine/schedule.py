@@ -478,7 +478,9 @@ class MergeSchedule:
                        tensors: Mapping[str, Tensor] | None = None) -> None:
         keys = self._merge_keys(module)
         sd = tensors if tensors is not None else module.state_dict()
-        live = {k: sd[k] for k in keys}
+        # one host fp32 view for both tracks: no copy for fp32 CPU weights, else one transient
+        # host copy (a device-to-host transfer once per update, not once per track)
+        live = {k: sd[k].detach().to("cpu", torch.float32) for k in keys}
         for track in self.tracks:
             track.update(step, live)
 
