@@ -92,6 +92,9 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
             latest weights. Their host copies are stored in
             ``checkpoint-<step>/merge_callback_state.safetensors``, so a resumed run averages the
             same weights.
+        averaging: ``"pairwise"`` (default) or ``"auto"``, as in ``BayesMergeCallback``; the
+            snapshots go to ``<soup_dir>/.averaging/`` and the two EMA tracks travel in
+            ``checkpoint-<step>/merge_callback_state.safetensors``.
 
     Raises:
         ValueError: for any invalid argument, naming what is allowed.
@@ -111,7 +114,8 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
                  seed: int = 0, on_error: str = "warn", save_soups: bool = True,
                  keep_last_soups: int | None = None, warm_start: bool = False,
                  stop_tol: float | None = None, history: int = 2,
-                 snapshot_every: int | None = None, ema_decays: Sequence[float] = ()):
+                 snapshot_every: int | None = None, ema_decays: Sequence[float] = (),
+                 averaging: str = "pairwise"):
         if heldout is not None and (isinstance(heldout, (str, bytes)) or (
                 not isinstance(heldout, (Dataset, IterableDataset)) and
                 not hasattr(heldout, "__iter__"))):
@@ -162,6 +166,8 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
         if not sch.pairwise_only or sch.snapshot_every is not None:
             args.update(history=sch.history_size, snapshot_every=sch.snapshot_every,
                         ema_decays=list(sch.ema_decays))
+        if sch.auto:
+            args["averaging"] = sch.averaging
         unsaved = []
         if self._metric_is_name:
             args["metric"] = self.metric.name
@@ -199,7 +205,7 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
         module = _unwrap(model if model is not None else trainer.model)
         warning = self.schedule.preflight(
             module, data, self._soup_root(args) if self.save_soups and args.should_save else None,
-            max_batches=self.max_batches)
+            max_batches=self.max_batches, store_dir=self._soup_root(args) / ".averaging")
         if warning:
             self._warn(state, warning)
         self._restore(args, state, module)
@@ -268,6 +274,7 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
     def _restore(self, args, state, module: nn.Module) -> None:
         if state.global_step == 0:  # a new run, also when this instance ran before
             self.merge_state = MergeSchedule.initial_state()
+            self.schedule.resume(module, 0)  # averaging="auto": clears a stale snapshot store
             return
         stored = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(stored, list):

@@ -67,6 +67,16 @@ class BayesMergeCallback(ScheduleOwner, Callback):
         warm_start: also evaluate the last round's λ right after α and 1 (pairwise rounds).
         stop_tol: end a round before the budget is spent once the Gaussian process expects no λ
             to improve the metric by ``stop_tol`` or more (``strategy="bayes"`` only).
+        averaging: ``"pairwise"`` (default: the paper's soup, extended by ``history``,
+            ``snapshot_every`` and ``ema_decays`` as given) or ``"auto"``, the recommended
+            anytime averaging (docs/averaging.md): two power-function EMA tracks on the host
+            updated every ``snapshot_every`` steps (default 10), snapshots of them and of the
+            weights written at every save to ``<soup_dir>/.averaging/``, and rounds of 12
+            held-out evaluations choosing among the latest weights, a post-hoc EMA
+            (σ_rel ∈ [0.02, 0.28]), a 1−√ window over the last W ∈ [2, 16] saves, the pairwise
+            soup λ ∈ [alpha, 1] and a blend of the best of these with the latest weights
+            (``budget`` does not apply). Not with ``history > 2`` or ``ema_decays``; one process
+            only.
 
     Memory on the host: ``history`` copies of the weights at most (``history − 1`` between
     saves when ``snapshot_every`` is None), plus the previous save's weights when newer snapshots
@@ -92,7 +102,7 @@ class BayesMergeCallback(ScheduleOwner, Callback):
                  every_n_saves: int = 1, seed: int = 0, on_error: str = "warn",
                  save_soups: bool = True, history: int = 2, snapshot_every: int | None = None,
                  ema_decays: Sequence[float] = (), warm_start: bool = False,
-                 stop_tol: float | None = None):
+                 stop_tol: float | None = None, averaging: str = "pairwise"):
         super().__init__()
         if heldout is not None and (not hasattr(heldout, "__iter__")
                                     or isinstance(heldout, (str, bytes))):
@@ -138,7 +148,8 @@ class BayesMergeCallback(ScheduleOwner, Callback):
         for warning in (self.schedule.preflight(
                 pl_module, self._evaluator.data,
                 self._resolve_soup_dir(trainer) if self.save_soups else None,
-                max_batches=self.max_batches),
+                max_batches=self.max_batches,
+                store_dir=self._resolve_soup_dir(trainer) / ".averaging"),
                 self.schedule.resume(pl_module, trainer.global_step)):
             if warning:
                 rank_zero_warn(f"BayesMergeCallback: {warning}")

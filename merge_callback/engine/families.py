@@ -9,14 +9,21 @@ sources:
   latest), γ ∈ [0, 1]: γ = 0 is the latest alone, γ = 1 the uniform average (LAWA);
 - ``ema``: ``lerp(ema_d, latest, λ)``, λ ∈ [0, 1]: λ = 0 is the EMA track itself.
 
+``averaging="auto"`` uses an :class:`AutoPlan` instead: weighted sums (*mixes*) of
+:class:`StoredWeights` — snapshot files on disk and host tensors (the latest weights, the live
+power-function EMA tracks) — written into the live tensors through one fp32 host scratch by
+:func:`mix_into_`.
+
 :func:`combine_into_` writes any family member into a list of tensors (the live module's, in
 place, or new host tensors) with one kernel, wherever the operands live.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +32,8 @@ from merge_callback.engine.snapshot import Snapshot
 from merge_callback.merge import check_compatible, is_mergeable, lerp_tensors_, storage_ident
 
 __all__ = ["Family", "pairwise_family", "geometric_family", "ema_family", "combine_into_",
-           "EmaTrack", "live_targets", "stage_on_devices"]
+           "EmaTrack", "live_targets", "stage_on_devices", "StoredWeights", "effective_mix",
+           "mix_into_", "AutoPlan"]
 
 
 @dataclass(frozen=True)
@@ -210,3 +218,146 @@ def stage_on_devices(live: list[Tensor], host_lists: list[list[Tensor]],
         return [[on_device(h, o) for h, o in zip(hosts, live)] for hosts in host_lists]
     except torch.cuda.OutOfMemoryError:
         return host_lists
+
+
+# --------------------------------------------------------------------------- averaging="auto"
+
+
+@dataclass(frozen=True, eq=False)
+class StoredWeights:
+    """One input of a mix: ``name`` (the snapshot kind, e.g. ``"raw"`` or ``"phema0.05"``), the
+    training ``step`` and the weights: a :class:`merge_callback.posthoc.SnapshotEntry` (a file
+    read one tensor at a time) or a ``{key: tensor}`` mapping in host memory. Compared by
+    identity: one object per input of a round."""
+
+    name: str
+    step: int
+    source: Any
+
+    def label(self) -> dict[str, Any]:
+        return {"name": self.name, "step": int(self.step)}
+
+
+#: a weighted sum of stored weights, ``((input, weight), ...)``
+Mix = tuple[tuple[StoredWeights, float], ...]
+
+
+def effective_mix(mix: Sequence[tuple[StoredWeights, float]]) -> Mix:
+    """The weights :func:`mix_into_` applies: repeated inputs merged (first occurrence order),
+    weights below ``NEGLIGIBLE_WEIGHT · Σ|w|`` dropped and the rest scaled to keep ``Σ w``
+    (the rule of :meth:`merge_callback.posthoc.SnapshotStore.accumulate_into_`).
+
+    Raises:
+        ValueError: non-finite weights or weights summing to 0.
+    """
+    from merge_callback.posthoc import NEGLIGIBLE_WEIGHT
+
+    merged: dict[StoredWeights, float] = {}
+    for src, w in mix:
+        merged[src] = merged.get(src, 0.0) + float(w)
+    pairs = list(merged.items())
+    if not pairs or not all(math.isfinite(w) for _, w in pairs):
+        raise ValueError(f"mix weights must be finite and non-empty, got {[w for _, w in pairs]}")
+    total = math.fsum(w for _, w in pairs)
+    abs_total = math.fsum(abs(w) for _, w in pairs)
+    if total == 0 or abs_total == 0:
+        raise ValueError("the mix weights sum to 0")
+    kept = [(s, w) for s, w in pairs if w != 0 and abs(w) >= NEGLIGIBLE_WEIGHT * abs_total]
+    scale = total / math.fsum(w for _, w in kept)
+    return tuple((s, w * scale) for s, w in kept)
+
+
+def mix_into_(live: Sequence[Tensor], keys: Sequence[str], mix: Mix,
+              scratch: Mapping[str, Tensor]) -> None:
+    """Write the mix into ``live`` (aligned with ``keys``): ``Σ w·input`` accumulated in fp32 in
+    the host ``scratch`` (``{key: fp32 tensor}``, one per key) by
+    :meth:`~merge_callback.posthoc.SnapshotStore.accumulate_into_`, then copied into each live
+    tensor in its dtype. ``mix`` must be an :func:`effective_mix` (applied as given)."""
+    from merge_callback.posthoc import SnapshotStore
+
+    SnapshotStore.accumulate_into_(scratch, [(s.source, w) for s, w in mix], negligible=0.0)
+    with torch.no_grad():
+        for t, k in zip(live, keys):
+            t.copy_(scratch[k])
+
+
+@dataclass
+class AutoPlan:
+    """The candidates of an ``averaging="auto"`` round at ``step``, over stored weights.
+
+    Attributes:
+        step: the latest weights' step.
+        latest: the latest weights (an input named ``"raw"`` at ``step``).
+        raws: raw snapshots of the saves, oldest first, ending with ``latest``.
+        tracks: ``(input, gamma)`` of every power-function EMA snapshot at or before ``step``
+            (the live tracks included, as inputs at ``step``).
+        alpha: the pairwise soup's lower bound.
+        mode: the :class:`~merge_callback.engine.options.AutoMode` settings.
+    """
+
+    step: int
+    latest: StoredWeights
+    raws: list[StoredWeights]
+    tracks: list[tuple[StoredWeights, float]]
+    alpha: float
+    mode: Any
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def previous(self) -> StoredWeights | None:
+        return self.raws[-2] if len(self.raws) >= 2 else None
+
+    def latest_mix(self) -> Mix:
+        return ((self.latest, 1.0),)
+
+    def phema_mix(self, sigma_rel: float) -> tuple[Mix, list[float]]:
+        """Post-hoc EMA of relative width ``sigma_rel`` ending at ``step``, and its least-squares
+        coefficients (one per track snapshot, summing to 1)."""
+        from merge_callback.posthoc import reconstruction_weights
+
+        c = reconstruction_weights([s.step for s, _ in self.tracks], [g for _, g in self.tracks],
+                                   sigma_rel, self.step)
+        return tuple((s, float(w)) for (s, _), w in zip(self.tracks, c.tolist())), \
+            [float(x) for x in c.tolist()]
+
+    def window_size(self, W: int) -> int:
+        """``W`` clipped to the saves available."""
+        return max(1, min(int(W), len(self.raws)))
+
+    def window_mix(self, W: int) -> Mix:
+        from merge_callback.posthoc import window_weights
+
+        W = self.window_size(W)
+        w = window_weights(self.mode.window_kind, W)
+        return tuple(zip(self.raws[-W:], w))
+
+    def pair_mix(self, lam: float) -> Mix:
+        assert self.previous is not None
+        return ((self.previous, 1.0 - lam), (self.latest, lam))
+
+    def blend_mix(self, base: Mix, mu: float) -> Mix:
+        return tuple((s, mu * w) for s, w in base) + ((self.latest, 1.0 - mu),)
+
+    def mix(self, family: str, param: float, base: tuple[str, float] | None = None) -> Mix:
+        """The candidate ``family`` at ``param`` (``"latest"``, ``"phema"`` σ_rel, ``"window"``
+        W, ``"pairwise"`` λ, ``"blend"`` μ of the ``base`` ``(family, param)``) as an
+        :func:`effective_mix`.
+
+        Raises:
+            ValueError: an unknown family, or a blend without its base.
+        """
+        if family == "latest":
+            raw = self.latest_mix()
+        elif family == "phema":
+            raw = self.phema_mix(param)[0]
+        elif family == "window":
+            raw = self.window_mix(int(param))
+        elif family == "pairwise":
+            raw = self.pair_mix(param)
+        elif family == "blend":
+            if base is None or base[0] == "blend":
+                raise ValueError("a blend needs the (family, param) it blends with the latest")
+            raw = self.blend_mix(self.mix(*base), param)
+        else:
+            raise ValueError(f"unknown auto family {family!r}")
+        return effective_mix(raw)

@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from merge_callback.engine.families import (Family, combine_into_, live_targets, pairwise_family,
-                                            stage_on_devices)
+from merge_callback.engine.families import (AutoPlan, Family, Mix, combine_into_, live_targets,
+                                            mix_into_, pairwise_family, stage_on_devices)
 from merge_callback.engine.snapshot import Snapshot
 from merge_callback.merge import check_compatible, is_mergeable
 from merge_callback.search import search_interval, validate_search_args
 
 __all__ = ["MergeRoundError", "RoundConfig", "RoundResult", "run_round", "build_soup",
-           "soup_state_dict", "soup_from_live"]
+           "build_mix_soup", "load_mix", "soup_state_dict", "soup_from_live"]
 
 
 class MergeRoundError(RuntimeError):
@@ -70,6 +70,11 @@ class RoundResult:
     evaluator reports side values of its forward passes (``last_extras``: loss, perplexity,
     accuracy), ``extras["side_values"]`` lists them per evaluated candidate, and the schedule adds
     ``extras["side"]``: those of the soup, the latest and the previous weights.
+    ``averaging="auto"`` rounds also record ``averaging``, ``searched`` (each family's optimum:
+    ``phema`` σ_rel, ``window`` W, ``pairwise`` λ), ``blend_of`` (the blended candidate's family
+    and param) and ``reconstruction`` (σ_rel, the track snapshots and their least-squares
+    coefficients) when a post-hoc EMA is chosen or blended; their ``inputs`` name stored
+    snapshots (``raw``, ``phema<σ>``) and ``weights`` are the ones applied.
     """
 
     step: int
@@ -120,7 +125,8 @@ def _refresh(view: nn.Module) -> None:
         refresh()
 
 
-def run_round(module: nn.Module, sources: Mapping[str, Snapshot], families: Sequence[Family],
+def run_round(module: nn.Module, sources: Mapping[str, Snapshot],
+              families: Sequence[Family] | AutoPlan,
               evaluate: Callable[[nn.Module], float], config: RoundConfig, *,
               latest: str = "latest", previous: str | None = "previous", metric: str = "loss",
               higher_is_better: bool = False, value_previous: float | None = None,
@@ -137,7 +143,10 @@ def run_round(module: nn.Module, sources: Mapping[str, Snapshot], families: Sequ
         module: the live module, called by ``evaluate``; it must hold ``sources[latest]`` on entry
             and holds it again, bitwise, on return (also when an exception propagates).
         sources: name -> host snapshot; ``families`` refer to these names.
-        families: the candidates; the first must contain the latest weights (all do).
+        families: the candidates; the first must contain the latest weights (all do). An
+            :class:`~merge_callback.engine.families.AutoPlan` runs the ``averaging="auto"``
+            round instead (:func:`_auto_round`: its own per-family budgets; ``sources`` then
+            needs only ``latest``, the exact restore's source).
         evaluate: ``module -> metric value`` on the held-out data.
         config: search settings; the round's seed is ``config.seed + step of the latest``.
         latest, previous: the names of the latest weights and of the previous checkpoint
@@ -169,6 +178,12 @@ def run_round(module: nn.Module, sources: Mapping[str, Snapshot], families: Sequ
         raise MergeRoundError(f"cannot merge step {prev_step} with step {step}: {e}") from e
     keys = [k for k, _ in targets]
     live = [t for _, t in targets]
+    if isinstance(families, AutoPlan):
+        return _auto_round(module, view, latest_snap, keys, live, families, evaluate, config,
+                           t0=t0, metric=metric, higher_is_better=higher_is_better,
+                           value_previous=value_previous,
+                           initial=dict(initial or {}) if config.warm_start else {},
+                           on_evaluation=on_evaluation)
     names = list(sources)
     staged = dict(zip(names, stage_on_devices(live, [[sources[n].tensors[k] for k in keys]
                                                      for n in names])))
@@ -299,6 +314,177 @@ def _several_families(families: Sequence[Family], load: Callable[[Family, float]
                 "inputs": [{"name": n, "step": sources[n].step} for n in fam.sources],
                 "weights": list(weights), "candidates": candidates,
                 "evaluations": len(cache)})
+
+
+def _auto_round(module: nn.Module, view: nn.Module, latest_snap: Snapshot, keys: list[str],
+                live: list[Tensor], plan: AutoPlan, evaluate: Callable[[nn.Module], float],
+                config: RoundConfig, *, t0: float, metric: str, higher_is_better: bool,
+                value_previous: float | None, initial: Mapping[str, float],
+                on_evaluation: Callable[[float, float], None] | None) -> RoundResult:
+    """The ``averaging="auto"`` round (``benchmarks/anytime.py``'s ``MODE``, searched the same
+    way): the latest weights; post-hoc EMA with log σ_rel searched on ``mode.sigma_range``; a
+    decay-shaped window over the last W saves, W searched on ``mode.window_range`` (rounded);
+    the pairwise soup λ ∈ [α, 1] (λ = 1 is the latest); the best of these blended with the
+    latest weights, μ ∈ [0, 1] (both ends known). Each family is one
+    :func:`~merge_callback.search.search_interval` with its own budget; a candidate seen before
+    is not evaluated again. The soup is the best observed candidate. Every candidate is written
+    into the live tensors through one fp32 host scratch (:func:`load_mix`); the live weights are
+    restored bitwise from ``latest_snap`` in ``finally``.
+    """
+    mode = plan.mode
+    step = plan.step
+    sign = -1.0 if higher_is_better else 1.0
+    seed = (config.seed + step) % (2**31)
+    scratch = {k: torch.empty(latest_snap.tensors[k].shape, dtype=torch.float32) for k in keys}
+    cands: dict[tuple, dict] = {}  # key -> {"family", "param", "value", "base"}
+    candidates: list[dict] = []
+    search = dict(strategy=config.strategy, acq_func=config.acq_func, seed=seed,
+                  higher_is_better=higher_is_better, stop_tol=config.stop_tol)
+
+    def score(mix: Mix) -> float:
+        load_mix(view, live, keys, mix, scratch)
+        value = float(evaluate(module))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"held-out metric is {value}")
+        return value
+
+    def cand(key: tuple, family: str, param: float, base: tuple | None = None) -> float:
+        if key not in cands:
+            value = score(plan.mix(family, param, base))
+            if on_evaluation is not None:
+                on_evaluation(param, value)
+            cands[key] = {"family": family, "param": param, "value": value, "base": base}
+        candidates.append({"family": family, "param": float(param),
+                           "value": cands[key]["value"]})
+        return cands[key]["value"]
+
+    def init(name: str, to_x: Callable[[float], float] = float) -> tuple[float, ...]:
+        return (to_x(initial[name]),) if name in initial else ()
+
+    try:
+        value_latest = cand(("latest",), "latest", 1.0)
+        lo, hi = (math.log(x) for x in mode.sigma_range)
+
+        def phema(x: float) -> float:
+            sigma = round(math.exp(x), 5)
+            return cand(("phema", sigma), "phema", sigma)
+
+        r_ph = search_interval(phema, lo, hi, budget=mode.budget_phema,
+                               initial=init("phema", math.log), **search)
+
+        def window(x: float) -> float:
+            W = plan.window_size(int(round(x)))
+            if W == 1:
+                return cand(("latest",), "latest", 1.0)
+            return cand(("window", W), "window", W)
+
+        wlo, whi = mode.window_range
+        r_win = search_interval(window, wlo, whi, budget=mode.budget_window,
+                                initial=init("window"), **search)
+
+        def pair(lam: float) -> float:
+            if round(lam, 12) == 1.0:
+                return cand(("latest",), "latest", 1.0)
+            lam = round(lam, 6)
+            return cand(("pairwise", lam), "pairwise", lam)
+
+        r_pair = search_interval(pair, plan.alpha, 1.0, budget=mode.budget_pairwise,
+                                 initial=init("pairwise"), **search)
+        best_key = min((k for k in cands if k[0] != "latest"),
+                       key=lambda k: sign * cands[k]["value"])
+        best = cands[best_key]
+        base = (best["family"], best["param"])
+
+        def blend(mu: float) -> float:
+            mu = round(mu, 6)
+            if mu == 0.0:
+                return cand(("latest",), "latest", 1.0)
+            if mu == 1.0:
+                return cand(best_key, *base)
+            return cand(("blend", best_key, mu), "blend", mu, base)
+
+        search_interval(blend, 0.0, 1.0, budget=mode.budget_blend,
+                        known={0.0: value_latest, 1.0: best["value"]},
+                        **{**search, "stop_tol": None})
+        evaluations = len(cands)
+        extra = 0
+        if value_previous is None and plan.previous is not None:
+            value_previous = score(plan.mix("pairwise", 0.0))
+            extra = 1
+    except FloatingPointError as e:
+        raise MergeRoundError(f"merge round at step {step}: {e}; no soup was written") from e
+    finally:
+        combine_into_(live, [[latest_snap.tensors[k] for k in keys]], (1.0,), False)  # exact
+        _refresh(view)
+    chosen = min(cands.values(), key=lambda c: sign * c["value"])
+    mix = plan.mix(chosen["family"], chosen["param"], chosen["base"])
+    lam = math.fsum(w for s, w in mix if s is plan.latest)
+    extras = {"family": chosen["family"], "param": chosen["param"],
+              "inputs": [s.label() for s, _ in mix], "weights": [w for _, w in mix],
+              "candidates": candidates, "evaluations": evaluations + extra,
+              "averaging": "auto",
+              "searched": {"phema": math.exp(r_ph.lam), "window": plan.window_size(
+                  int(round(r_win.lam))), "pairwise": r_pair.lam}}
+    if chosen["base"] is not None:
+        extras["blend_of"] = {"family": chosen["base"][0], "param": chosen["base"][1]}
+    ph = chosen["base"] if chosen["family"] == "blend" else (chosen["family"], chosen["param"])
+    if ph[0] == "phema":
+        _, coef = plan.phema_mix(ph[1])
+        extras["reconstruction"] = {"sigma_rel": ph[1], "inputs": [s.label() for s, _ in
+                                                                   plan.tracks],
+                                    "weights": coef}
+    return RoundResult(
+        step=step, previous_step=plan.previous.step if plan.previous is not None else step,
+        lam=lam, value_soup=chosen["value"], value_latest=value_latest,
+        value_previous=float(value_previous) if value_previous is not None else math.nan,
+        observations=tuple((c["param"], c["value"]) for c in candidates
+                           if c["family"] == chosen["family"]),
+        metric=metric, higher_is_better=higher_is_better, alpha=config.alpha,
+        budget=mode.budget, strategy=config.strategy,
+        acq_func=config.acq_func if config.strategy == "bayes" else None,
+        seconds=time.perf_counter() - t0, extra_evaluations=extra, extras=extras)
+
+
+def load_mix(view: nn.Module, live: list[Tensor], keys: list[str], mix: Mix,
+             scratch: Mapping[str, Tensor]) -> None:
+    """Write ``mix`` into the ``live`` tensors through the fp32 host ``scratch`` (the one path
+    for scoring and for the written soup), then ``refresh()`` a shard view."""
+    mix_into_(live, keys, mix, scratch)
+    _refresh(view)
+
+
+def build_mix_soup(latest: Snapshot, mix: Mix, module: nn.Module | None = None
+                   ) -> dict[str, Tensor]:
+    """The full state dict of an ``averaging="auto"`` candidate, bitwise the one scored: the
+    same fp32 host accumulation, converted to each tensor's dtype (on the live module's devices
+    when they are not the CPU, then copied back; the live weights are restored bitwise).
+
+    Args:
+        latest: the latest weights (non-float tensors and the keys' layout come from it).
+        mix: the candidate (:meth:`AutoPlan.mix`).
+        module: the live module (or shard view) the round scored in; ``None`` builds on the host.
+    """
+    latest_sd = latest.tensors
+    if module is not None:
+        keys = [k for k, _ in live_targets(module, latest_sd)]
+    else:
+        seen: set[int] = set()
+        keys = [k for k, v in latest_sd.items()
+                if is_mergeable(v) and not (id(v) in seen or seen.add(id(v)))]
+    scratch = {k: torch.empty(latest_sd[k].shape, dtype=torch.float32) for k in keys}
+    if module is not None:
+        live = [x for _, x in live_targets(module, latest_sd)]
+        if any(x.device.type != "cpu" for x in live):
+            dests = [torch.empty_like(latest_sd[k]) for k in keys]
+            return soup_from_live(latest_sd, keys, live, dests,
+                                  lambda: mix_into_(live, keys, mix, scratch),
+                                  refresh=lambda: _refresh(module))
+    # on the host an fp32 tensor is its scratch itself (no second copy); others are converted
+    dests = [scratch[k] if latest_sd[k].dtype == torch.float32 else torch.empty_like(latest_sd[k])
+             for k in keys]
+    mix_into_(dests, keys, mix, scratch)
+    by_id = {id(latest_sd[k]): d for k, d in zip(keys, dests)}
+    return {k: by_id.get(id(v), v) if is_mergeable(v) else v for k, v in latest_sd.items()}
 
 
 def build_soup(sources: Mapping[str, Snapshot], family: Family, t: float, *,

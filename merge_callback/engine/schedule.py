@@ -19,11 +19,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from merge_callback.engine.families import (EmaTrack, Family, combine_into_, ema_family,
-                                            geometric_family, live_targets, pairwise_family)
-from merge_callback.engine.options import (check_bool, validate_averaging_args,
+import torch
+
+from merge_callback.engine.families import (AutoPlan, EmaTrack, Family, Mix, StoredWeights,
+                                            combine_into_, ema_family, geometric_family,
+                                            live_targets, pairwise_family)
+from merge_callback.engine.options import (AUTO, check_bool, validate_averaging_args,
                                            validate_callback_args)
-from merge_callback.engine.round import RoundConfig, RoundResult, build_soup, run_round
+from merge_callback.engine.round import (RoundConfig, RoundResult, build_mix_soup, build_soup,
+                                         load_mix, run_round)
 from merge_callback.engine.snapshot import (ShardedSnapshot, Snapshot, capture_nbytes,
                                              capture_snapshot)
 from merge_callback.evaluate import (Metric, accuracy_metric, loss_metric, preserved_rng,
@@ -83,13 +87,17 @@ class ChosenSoup:
             the host snapshots alone.
         in_place_ok: the previous checkpoint's snapshot is dropped after this round, so the soup
             may be built inside it (no further host copy of the weights).
+        mix: the chosen candidate of an ``averaging="auto"`` round (``family`` is then
+            ``None``): stored weights on disk and in host memory, built by the same fp32 path
+            as when it was scored.
     """
 
     result: RoundResult
-    family: Family
+    family: Family | None
     sources: Mapping[str, Snapshot]
     target: nn.Module | None = None
     in_place_ok: bool = False
+    mix: Mix | None = None
 
     @property
     def latest(self) -> Snapshot:
@@ -97,6 +105,8 @@ class ChosenSoup:
 
     def tensors(self) -> dict[str, Tensor]:
         """The soup's full state dict on the host (bitwise the scored soup)."""
+        if self.mix is not None:
+            return build_mix_soup(self.latest, self.mix, module=self.target)
         into = self.family.sources[0] if (self.in_place_ok and self.family.kind == "lerp"
                                           and self.family.sources[0] == "previous") else None
         return build_soup(self.sources, self.family, self.result.param, module=self.target,
@@ -121,6 +131,16 @@ class ChosenSoup:
         latest = self.latest.tensors
         live = [t for _, t in live_targets(self.target, latest)]
         keys = [k for k, _ in live_targets(self.target, latest)]
+        if self.mix is not None:
+            scratch = {k: torch.empty(latest[k].shape, dtype=torch.float32) for k in keys}
+            try:
+                load_mix(self.target, live, keys, self.mix, scratch)
+                del scratch
+                yield self.target
+            finally:
+                combine_into_(live, [[latest[k] for k in keys]], (1.0,), False)
+                _refresh_view(self.target)
+            return
         srcs = [[self.sources[n].tensors[k] for k in keys] for n in self.family.sources]
         try:
             combine_into_(live, srcs, self.family.weights(self.result.param),
@@ -128,6 +148,12 @@ class ChosenSoup:
             yield self.target
         finally:
             combine_into_(live, [[latest[k] for k in keys]], (1.0,), False)
+
+
+def _refresh_view(view: nn.Module | None) -> None:
+    refresh = getattr(view, "refresh", None)
+    if refresh is not None:
+        refresh()
 
 
 class MergeSchedule:
@@ -141,6 +167,10 @@ class MergeSchedule:
         snapshot_every: also snapshot every this many steps (``None``: at saves only).
         ema_decays: per-step decays of EMA tracks updated every ``snapshot_every`` steps.
         on_error: ``"warn"`` (a failed round is reported, training goes on) or ``"raise"``.
+        averaging: ``"pairwise"`` (the families above) or ``"auto"``: two power-function EMA
+            tracks on the host updated every ``snapshot_every`` steps (default 10), a snapshot
+            store on disk (``store_dir`` of :meth:`preflight`) written at every save, and the
+            round of :class:`~merge_callback.engine.families.AutoPlan`.
 
     Raises:
         ValueError: for any invalid argument, naming what is allowed.
@@ -148,10 +178,14 @@ class MergeSchedule:
 
     def __init__(self, config: RoundConfig, metric: Metric, *, every_n_saves: int = 1,
                  history: int = 2, snapshot_every: int | None = None,
-                 ema_decays: tuple[float, ...] = (), on_error: str = "warn"):
+                 ema_decays: tuple[float, ...] = (), on_error: str = "warn",
+                 averaging: str = "pairwise"):
         validate_callback_args(max_batches=None, every_n_saves=every_n_saves, on_error=on_error)
         self.ema_decays = validate_averaging_args(history=history, snapshot_every=snapshot_every,
-                                                  ema_decays=ema_decays)
+                                                  ema_decays=ema_decays, averaging=averaging)
+        self.averaging = averaging
+        if averaging == "auto" and snapshot_every is None:
+            snapshot_every = AUTO.snapshot_every
         self.config = config
         self.metric = metric
         self.every_n_saves = every_n_saves
@@ -163,8 +197,14 @@ class MergeSchedule:
         self.spare: Snapshot | None = None  # page-locked buffers of a dropped snapshot (CUDA)
         self.emas = [EmaTrack(d, snapshot_every or 1) for d in self.ema_decays]
         self.enabled = True
-        self._previous_side: dict[str, float] | None = None  # side values of the previous save
         self._latest_side: dict[str, float] | None = None
+        self.tracks: list = []  # averaging="auto": power-function EMA tracks
+        self.store = None  # averaging="auto": the SnapshotStore (set by preflight)
+        self._track_keys: list[str] | None = None
+        if averaging == "auto":
+            from merge_callback.posthoc import PowerEmaTrack
+
+            self.tracks = [PowerEmaTrack(sigma) for sigma in AUTO.track_sigmas]
         self._stored_tensors: Mapping[str, Any] | None = None
         self.state = self.initial_state()
 
@@ -173,7 +213,7 @@ class MergeSchedule:
                   acq_func: Any, strategy: Any, seed: Any, warm_start: Any, stop_tol: Any,
                   every_n_saves: Any, history: Any, snapshot_every: Any, ema_decays: Any,
                   on_error: Any, max_batches: Any, save_soups: Any, soup_dir: Any,
-                  keep_last_soups: Any = None) -> MergeSchedule:
+                  keep_last_soups: Any = None, averaging: Any = "pairwise") -> MergeSchedule:
         """Validate every argument the callbacks share, in one place, and build the schedule
         (``schedule.metric`` is the resolved metric).
 
@@ -188,7 +228,8 @@ class MergeSchedule:
                                on_error=on_error, save_soups=save_soups, soup_dir=soup_dir,
                                keep_last_soups=keep_last_soups)
         return cls(config, resolved, every_n_saves=every_n_saves, history=history,
-                   snapshot_every=snapshot_every, ema_decays=ema_decays, on_error=on_error)
+                   snapshot_every=snapshot_every, ema_decays=ema_decays, on_error=on_error,
+                   averaging=averaging)
 
     @classmethod
     def from_callback(cls, arguments: Mapping[str, Any]) -> MergeSchedule:
@@ -203,7 +244,17 @@ class MergeSchedule:
     @property
     def pairwise_only(self) -> bool:
         """True for the paper's method: the last two saves, λ ∈ [alpha, 1]."""
-        return self.history_size == 2 and not self.ema_decays
+        return self.history_size == 2 and not self.ema_decays and self.averaging == "pairwise"
+
+    @property
+    def auto(self) -> bool:
+        """True for ``averaging="auto"``."""
+        return self.averaging == "auto"
+
+    @staticmethod
+    def track_name(track: Any) -> str:
+        """The snapshot kind of a power-function EMA track (``"phema0.05"``)."""
+        return f"phema{track.sigma_rel:g}"
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -214,7 +265,8 @@ class MergeSchedule:
     @staticmethod
     def initial_state() -> dict[str, Any]:
         return {"version": STATE_VERSION, "saves": 0, "last_save_step": None,
-                "previous_step": None, "previous_value": None, "history": []}
+                "previous_step": None, "previous_value": None, "previous_side": None,
+                "history": []}
 
     def state_dict(self) -> dict[str, Any]:
         """The resumable state: plain Python (JSON-ready)."""
@@ -231,6 +283,9 @@ class MergeSchedule:
         the live weights at resume), so that a resumed run averages the same weights."""
         if self.pairwise_only:
             return None
+        if self.auto:
+            return {"ring": [], "ema": {self.track_name(t): {"step": t.step, "tensors": t.tensors}
+                                        for t in self.tracks if t.step > 0}}
         return {"ring": [(s.step, s.tensors) for s in self.ring[:-1]],
                 "ema": {t.name: {"step": t.snapshot.step, "tensors": t.snapshot.tensors}
                         for t in self.emas if t.snapshot is not None}}
@@ -245,6 +300,8 @@ class MergeSchedule:
         Returns a warning to show when the saved state refers to another step (merging then
         restarts with the next save), else ``None``.
         """
+        if self.auto:
+            return self._resume_auto(step)
         prev = self.state["previous_step"]
         if self.ring or prev is None:
             return None
@@ -265,8 +322,40 @@ class MergeSchedule:
         self._stored_tensors = None
         return None
 
+    def _resume_auto(self, step: int) -> str | None:
+        """``averaging="auto"``: restore the tracks saved at ``step``; snapshots on disk from
+        after ``step`` (an abandoned continuation, or another run in the same folder) are
+        deleted."""
+        prev = self.state["previous_step"]
+        stored = self._stored_tensors or {}
+        self._stored_tensors = None
+        warning = None
+        if self.store is not None:
+            for e in self.store.entries():
+                if prev is None or e.step > step:
+                    e.path.unlink(missing_ok=True)
+        if prev is None:
+            return None
+        if prev != step:
+            self.state["previous_step"] = self.state["previous_value"] = None
+            return (f"training starts at step {step} but the saved merge state refers to step "
+                    f"{prev}; the averaging tracks restart empty")
+        missing = []
+        for track in self.tracks:
+            saved = stored.get("ema", {}).get(self.track_name(track))
+            if saved is None:
+                missing.append(self.track_name(track))
+                continue
+            track.load_state_dict({"sigma_rel": track.sigma_rel, "step": int(saved["step"]),
+                                   "tensors": saved["tensors"]})
+        if missing:
+            warning = (f"the checkpoint holds no averaging track {', '.join(missing)}; "
+                       "it restarts empty, so post-hoc EMAs differ from an uninterrupted run")
+        return warning
+
     def preflight(self, module: nn.Module, heldout: Any, soup_dir: str | os.PathLike | None, *,
-                  max_batches: int | None = None) -> str | None:
+                  max_batches: int | None = None,
+                  store_dir: str | os.PathLike | None = None) -> str | None:
         """Check, before any round, what would make every round fail or mislead.
 
         The held-out data (re-iterable, LM batches with integer ids inside the module's vocabulary
@@ -274,13 +363,42 @@ class MergeSchedule:
         batches the package reads — a callable metric reads its own) and the soup folder (writable, room for one
         soup; stale temporaries of a killed writer are removed first).
 
+        With ``averaging="auto"`` the snapshot store is opened in ``store_dir`` (default
+        ``<soup_dir>/.averaging``).
+
         Returns:
             ``None``, or (with ``on_error="warn"``) the problem to report once: rounds are then
             disabled for this run.
 
         Raises:
             PreflightError: with ``on_error="raise"``.
+            ValueError: ``averaging="auto"`` with no folder for its snapshots, or in several
+                processes.
         """
+        if self.auto:
+            from merge_callback import dist
+            from merge_callback.posthoc import SnapshotStore
+
+            if dist.world_size() > 1:
+                raise ValueError(f"averaging='auto' runs in one process (its snapshot store is "
+                                 f"not shared between ranks); got world size "
+                                 f"{dist.world_size()}. HINT: use averaging='pairwise'")
+            if store_dir is None and soup_dir is not None:
+                store_dir = Path(soup_dir) / ".averaging"
+            if store_dir is None:
+                raise ValueError("averaging='auto' needs a folder for its snapshots: give "
+                                 "soup_dir or store_dir")
+            try:
+                check_output_dir(store_dir, 3 * _fp32_bytes(module), name="the averaging "
+                                 "snapshot folder")
+                if Path(store_dir).is_dir():
+                    remove_stale_temporaries(store_dir)
+            except PreflightError as e:
+                if self.on_error == "raise":
+                    raise
+                self.enabled = False
+                return f"{e}; merge rounds are disabled for this run, training goes on unchanged"
+            self.store = SnapshotStore(store_dir, keep=AUTO.keep)
         try:
             if getattr(self.metric, "fn", None) in (loss_metric, accuracy_metric):
                 vocab, positions = model_limits(module)
@@ -307,6 +425,10 @@ class MergeSchedule:
         """After an optimizer step: snapshot and update EMA tracks every ``snapshot_every``."""
         if not self.snapshot_every or step % self.snapshot_every or step == 0:
             return
+        if self.auto:
+            if self.tracks and self.tracks[0].step < step:
+                self._update_tracks(module, step)
+            return
         if self.ring and self.ring[-1].step == step:
             return  # gradient accumulation: several batches end at one optimizer step
         snap = self._capture(module, step)
@@ -325,6 +447,8 @@ class MergeSchedule:
         schedule advances either way. A failed soup write is reported on its own; the round is
         still recorded and logged.
         """
+        if self.auto:
+            return self._on_save_auto(step, rt)
         state = self.state
         state["saves"] += 1
         state["last_save_step"] = step
@@ -342,9 +466,119 @@ class MergeSchedule:
             self._drop([s for s in dropped if s is not None])
             state["previous_step"] = step
             state["previous_value"] = result.value_latest if result is not None else None
-            self._previous_side, self._latest_side = (
-                self._latest_side if result is not None else None), None
+            state["previous_side"] = self._latest_side if result is not None else None
+            self._latest_side = None
         return result
+
+    # ---------------------------------------------------------------- averaging="auto"
+    def _merge_keys(self, module: nn.Module) -> list[str]:
+        """The keys averaged (floating point, each storage once), in state_dict order."""
+        if self._track_keys is None:
+            sd = module.state_dict()
+            self._track_keys = [k for k, _ in live_targets(module, sd)]
+        return self._track_keys
+
+    def _update_tracks(self, module: nn.Module, step: int,
+                       tensors: Mapping[str, Tensor] | None = None) -> None:
+        keys = self._merge_keys(module)
+        sd = tensors if tensors is not None else module.state_dict()
+        # one host fp32 view for both tracks: no copy for fp32 CPU weights, else one transient
+        # host copy (a device-to-host transfer once per update, not once per track)
+        live = {k: sd[k].detach().to("cpu", torch.float32) for k in keys}
+        for track in self.tracks:
+            track.update(step, live)
+
+    def _on_save_auto(self, step: int, rt: Runtime) -> RoundResult | None:
+        """A save under ``averaging="auto"``: the tracks are brought to ``step``, the raw weights
+        and both tracks are written to the store, and a round runs when due; the latest
+        weights' host copy is dropped afterwards (the next round reads them from disk)."""
+        state = self.state
+        state["saves"] += 1
+        state["last_save_step"] = step
+        latest = self._capture(rt.module, step)
+        self.ring = [latest]
+        result = None
+        try:
+            try:
+                keys = self._merge_keys(rt.target)
+                if self.tracks[0].step < step:
+                    self._update_tracks(rt.target, step, latest.tensors)
+                if self.store is None:
+                    raise RuntimeError("averaging='auto' has no snapshot folder (preflight was "
+                                       "not run)")
+                self.store.put(step, "raw", {k: latest.tensors[k] for k in keys})
+                for track in self.tracks:
+                    self.store.put(step, self.track_name(track), track.tensors,
+                                   {"gamma": track.gamma, "sigma_rel": track.sigma_rel,
+                                    "every": self.snapshot_every})
+            except Exception as e:  # noqa: BLE001 - reported, training goes on
+                if self.on_error == "raise":
+                    raise
+                rt.warn(f"storing the averaging snapshots of step {step} failed; this save "
+                        f"starts no round. {type(e).__name__}: {e}")
+                return None
+            if self.enabled and state["saves"] % self.every_n_saves == 0 and \
+                    len(self.store.entries("raw")) >= 2:
+                result = self._guarded_round(rt)
+        finally:
+            self.ring = []
+            self._drop([latest])
+            state["previous_step"] = step
+            state["previous_value"] = result.value_latest if result is not None else None
+        return result
+
+    def auto_plan(self, latest: Snapshot) -> AutoPlan:
+        """The ``averaging="auto"`` candidates at ``latest.step``: the stored raw snapshots and
+        track snapshots before it, the latest weights and the live tracks in host memory."""
+        from merge_callback.posthoc import sigma_rel_to_gamma
+
+        step = latest.step
+        gammas = {self.track_name(t): t.gamma for t in self.tracks}
+        entries = [e for e in self.store.entries() if e.step < step]
+        latest_in = StoredWeights("raw", step, latest.tensors)
+        raws = [StoredWeights("raw", e.step, e) for e in entries if e.kind == "raw"] + [latest_in]
+        tracks = [(StoredWeights(e.kind, e.step, e), gammas[e.kind]) for e in entries
+                  if e.kind in gammas]
+        tracks += [(StoredWeights(self.track_name(t), t.step, t.tensors),
+                    sigma_rel_to_gamma(t.sigma_rel)) for t in self.tracks if t.step == step]
+        return AutoPlan(step=step, latest=latest_in, raws=raws, tracks=tracks,
+                        alpha=self.config.alpha, mode=AUTO)
+
+    def _auto_round(self, rt: Runtime) -> ChosenSoup:
+        latest = self.ring[-1]
+        plan = self.auto_plan(latest)
+        prev_value = self.state["previous_value"]
+        if plan.previous is None or self.state["previous_step"] != plan.previous.step:
+            prev_value = None
+        last = self.history[-1:]
+        initial = dict(last[0].get("searched", {})) if last else {}
+        progress = None
+        if rt.progress is not None:
+            progress = rt.progress(AUTO.budget + (prev_value is None),
+                                   f"merge step={latest.step}", None)
+        try:
+            result = run_round(rt.module, {"latest": latest}, plan, rt.evaluate, self.config,
+                               metric=self.metric.name,
+                               higher_is_better=self.metric.higher_is_better,
+                               value_previous=prev_value, initial=initial,
+                               on_evaluation=progress, view=rt.view)
+        finally:
+            if progress is not None:
+                progress.close()
+        result = rt.broadcast(result)
+        x = result.extras
+        entry = {"step": result.step, "lambda": result.lam, "value_soup": result.value_soup,
+                 "value_latest": result.value_latest, "value_previous": result.value_previous,
+                 "previous_step": result.previous_step, "family": result.family,
+                 "param": result.param, "searched": dict(x["searched"])}
+        if "blend_of" in x:
+            entry["blend_of"] = dict(x["blend_of"])
+        self.history.append(entry)
+        if rt.log is not None:
+            rt.log(result, self.history)
+        base = (x["blend_of"]["family"], x["blend_of"]["param"]) if "blend_of" in x else None
+        mix = plan.mix(result.family, result.param, base)
+        return ChosenSoup(result, None, {"latest": latest}, rt.target, mix=mix)
 
     # ---------------------------------------------------------------- work
     def _capture(self, module: nn.Module, step: int) -> Snapshot:
@@ -405,7 +639,7 @@ class MergeSchedule:
         # the soup may have been scored under another family's name (the same weights)
         side = {"soup": at(result.family, result.param) or at(None, value=result.value_soup),
                 "latest": at(first.name, first.latest_at),
-                "previous": at("pairwise", 0.0) or self._previous_side}
+                "previous": at("pairwise", 0.0) or self.state.get("previous_side")}
         self._latest_side = side["latest"]
         return {k: v for k, v in side.items() if v}
 
@@ -436,6 +670,8 @@ class MergeSchedule:
         return sources, families
 
     def _round(self, rt: Runtime) -> ChosenSoup:
+        if self.auto:
+            return self._auto_round(rt)
         sources, families = self.sources_and_families()
         latest = sources["latest"]
         prev_value = self.state["previous_value"]
@@ -520,3 +756,9 @@ class ScheduleOwner:
         """One dict per finished round: step, lambda, value_soup, value_latest, value_previous,
         previous_step (and family, param for averaging rounds)."""
         return self.schedule.history
+
+
+def _fp32_bytes(module: nn.Module) -> int:
+    """Bytes of the module's floating-point tensors in fp32 (each storage once)."""
+    sd = module.state_dict()
+    return sum(t.numel() * 4 for _, t in live_targets(module, sd))
