@@ -55,9 +55,11 @@ def _records(path: Path) -> list[dict]:
 
 def _read_soup(path: Path) -> dict[str, torch.Tensor]:
     """A soup as full tensors: a sharded folder (via its sidecar), a safetensors file, or a
-    Hugging Face folder."""
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        return load_file(str(path / "model.safetensors"))
+    Hugging Face folder (loaded with ``from_pretrained``: the file may rename keys)."""
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path).state_dict()
     if path.suffix == ".sharded":
         return read_sharded_soup(path.with_suffix(".json"))[0]
     return load_file(str(path))
