@@ -53,7 +53,7 @@ class KeepingMergeCallback(BayesMergeCallback):
 
     def __init__(self, *args, fixed_dir: Path, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fixed_dir, self.observations = fixed_dir, []
+        self.fixed_dir, self.observations, self.empty_pieces = fixed_dir, [], None
 
     def _runtime(self, trainer, pl_module):
         import dataclasses
@@ -67,6 +67,7 @@ class KeepingMergeCallback(BayesMergeCallback):
             prev = (ShardedSnapshot(copy, prev.step, prev.layouts)
                     if isinstance(prev, ShardedSnapshot) else Snapshot(copy, prev.step))
             latest = soup.sources["latest"]
+            self.empty_pieces = sum(1 for t in latest.tensors.values() if t.numel() == 0)
             write(soup)
             self.observations.append([list(o) for o in soup.result.observations])
             fixed = ChosenSoup(dataclasses.replace(soup.result, lam=0.7),
@@ -146,7 +147,7 @@ def main(out: Path, kind: str, resume: bool) -> None:
     _, plain = fit(out / "plain", kind, [])
     t2 = time.perf_counter()
     record = {"world_size": trainer.world_size, "mode": cb._mode, "history": cb.history,
-              "observations": cb.observations,
+              "observations": cb.observations, "empty_pieces": cb.empty_pieces,
               "balanced": cb._evaluator.balanced,
               "sharded_snapshot": type(cb.schedule.ring[-1]).__name__,
               "losses_equal": merged.losses == plain.losses, "losses": merged.losses,
