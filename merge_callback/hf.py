@@ -106,6 +106,14 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
     integration; W&B shows them as ``train/merge/...``) and, with W&B, the λ-vs-metric curve.
     Training is bitwise the same as without the callback: the soup is never swapped in.
 
+    Under DeepSpeed ZeRO-1/2 it runs as under DDP. Under DeepSpeed ZeRO-3 and FSDP (weights
+    sharded across ranks) every rank merges and evaluates only its own shards, and the soup is
+    written by every rank as a sharded folder ``<soup_dir>/soup-<step>.sharded/`` with the
+    sidecar ``soup-<step>.json`` instead of a ``save_pretrained`` folder; make a Hugging Face
+    folder of it with ``python -m merge_callback.fsdp SRC OUT --hf-config checkpoint-<step>``.
+    Only the pairwise soup (the default ``history``, ``snapshot_every``, ``ema_decays``) is
+    supported there.
+
     Args:
         heldout: a ``Dataset`` (batched with the Trainer's data collator and
             ``per_device_eval_batch_size``), a ``DataLoader`` or any re-iterable of batches;
@@ -124,7 +132,9 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
             same weights.
 
     Raises:
-        ValueError: for any invalid argument, naming what is allowed.
+        ValueError: for any invalid argument, naming what is allowed; at train begin, for
+            averaging families with sharded weights, or ZeRO-3 with parameters on NVMe, ZeRO++
+            hpZ or MiCS.
 
     Example::
 
