@@ -4,7 +4,8 @@ DeepSpeed ZeRO-2 or ZeRO-3; started by test_zero.py through ``torch.distributed.
 In the same two processes: (1) trains 8 steps with the callback, saving checkpoints at steps 4
 and 8 (a round at step 8), and saves the consolidated weights of both saves (gathered for the
 checks only); (2) trains again without the callback (bitwise comparison); (3) resumes (1)'s
-step-4 checkpoint with a fresh callback, which must redo the same round and write the same soup.
+step-4 checkpoint with a fresh callback, which must redo the same round and write the same soup;
+(4) starts a run with ``history=3``, refused under ZeRO-3 (the message is recorded).
 Usage: hf_zero_script.py OUT_DIR {zero2,zero3}
 """
 
@@ -129,6 +130,12 @@ def main(out: Path, kind: str) -> None:
                                  soup_dir=out / "resume" / "soups",
                                  fixed_dir=out / "resume" / "fixed")
     _, resumed = train(out / "resume", kind, [again], resume=out / "merge" / "checkpoint-4")
+    refusal = None
+    try:  # averaging families need full weights: refused at train begin under ZeRO-3
+        train(out / "refused", kind, [BayesMergeTrainerCallback(heldout=heldout_loader(),
+                                                                history=3)])
+    except ValueError as e:
+        refusal = str(e)
     rank = trainer.args.process_index
     record = {"world_size": trainer.args.world_size, "mode": cb._mode, "history": cb.history,
               "observations": cb.observations, "resume_observations": again.observations,
@@ -139,7 +146,7 @@ def main(out: Path, kind: str) -> None:
               "final_bitwise": all(torch.equal(merged["final"][k], plain["final"][k])
                                    for k in plain["final"]),
               "fit_seconds": [t1 - t0, t2 - t1, time.perf_counter() - t2],
-              "resume_history": again.history,
+              "resume_history": again.history, "refusal": refusal,
               "resume_losses_equal": resumed["losses"][-EVERY:] == plain["losses"][EVERY:],
               "resume_final_bitwise": all(torch.equal(resumed["final"][k], plain["final"][k])
                                           for k in plain["final"])}

@@ -161,6 +161,15 @@ def test_hf_trainer_callback_under_deepspeed(tmp_path, kind):
                plain=tiny_model(), resume=True)
     ranks = _records(tmp_path)
     assert [r["zero_stage"] for r in ranks] == [int(kind[-1])] * 2
+    for r in ranks:  # history=3: full weights needed; ZeRO-2 has them, ZeRO-3 refuses
+        if sharded:
+            assert r["refusal"] == (
+                "BayesMergeTrainerCallback(history > 2, ema_decays or snapshot_every) does not "
+                "support sharded weights (zero3): only the pairwise merge of the last two "
+                "checkpoint saves is built shard-locally. HINT: use the defaults history=2, "
+                "ema_decays=(), snapshot_every=None (or DeepSpeed ZeRO stage 1 or 2, or DDP)")
+        else:
+            assert r["refusal"] is None
     if sharded:  # the sharded soup becomes a Hugging Face folder with the checkpoint's config
         from transformers import AutoModelForCausalLM
 
