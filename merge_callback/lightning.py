@@ -39,6 +39,12 @@ class BayesMergeCallback(ScheduleOwner, Callback):
     ``merge/soup``, ``merge/latest`` and ``merge/previous`` to every logger of the trainer. The soup
     is never swapped into training: the run is bitwise the same as without the callback.
 
+    Strategies: single device, DDP, DeepSpeed (ZeRO-1/2 as DDP), and, shard-locally (each rank
+    merges and evaluates its own shards; soups are written by every rank as a sharded folder
+    ``soup-step={step}.sharded/``, see ``python -m merge_callback.fsdp``), DeepSpeed ZeRO-3,
+    ``FSDPStrategy`` (FSDP1) and ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2); see
+    :func:`check_strategy_supported`.
+
     Args:
         heldout: held-out batches (a ``DataLoader`` or any re-iterable); ``None`` uses the trainer's
             first validation dataloader.
