@@ -28,8 +28,10 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
                       "with `pip install 'merge_callback[hf]'`") from _e
 
 from merge_callback import dist
-from merge_callback.engine import ChosenSoup, MergeSchedule, RoundResult, Runtime
+from merge_callback.engine import ChosenSoup, MergeSchedule, RoundResult, Runtime, ShardLocalView
 from merge_callback.engine.schedule import ScheduleOwner
+from merge_callback.engine.sharded import is_sharded
+from merge_callback.engine.zero import without_inference_mode, zero_config_problem
 from merge_callback.evaluate import HeldoutEvaluator, MetricFn
 from merge_callback.io import atomic_write_bytes, save_safetensors_atomic
 from merge_callback.io.soups import read_tensor_state, write_hf_soup_folder, write_tensor_state
@@ -37,7 +39,9 @@ from merge_callback.tracking import log_round_to_wandb_run, round_scalars
 
 __all__ = ["BayesMergeTrainerCallback"]
 
-_SOUP_NAME = re.compile(r"^soup-(\d+)$")
+_SOUP_NAME = re.compile(r"^soup-(\d+)(\.sharded)?$")
+#: runs whose weights are sharded: each rank merges its own pieces, soups are sharded folders
+SHARDED_MODES = ("zero3", "fsdp1", "fsdp2")
 #: the schedule's snapshots and EMA tracks, beside the Trainer's files in ``checkpoint-<step>/``
 TENSOR_STATE_FILE = "merge_callback_state.safetensors"
 
@@ -47,6 +51,32 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod
     return model
+
+
+def _parallel_mode(trainer: Trainer) -> str:
+    """How the Trainer holds the weights: ``"zero3"`` (DeepSpeed ZeRO-3 partitions),
+    ``"fsdp1"`` / ``"fsdp2"`` (FSDP shards), else ``"replicated"`` (one process, DDP, DeepSpeed
+    ZeRO-1/2).
+
+    Raises:
+        ValueError: a DeepSpeed ZeRO-3 setting whose partitions cannot be merged in place.
+    """
+    state = trainer.accelerator.state
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = state.deepspeed_plugin
+        config = getattr(getattr(plugin, "hf_ds_config", None), "config", None) or \
+            getattr(plugin, "deepspeed_config", None) or {}
+        zero = dict(config.get("zero_optimization") or {})
+        zero.setdefault("stage", plugin.zero_stage)
+        problem = zero_config_problem(zero)
+        if problem is not None:
+            raise ValueError(f"BayesMergeTrainerCallback cannot merge this DeepSpeed run: "
+                             f"{problem}")
+        return "zero3" if int(plugin.zero_stage) == 3 else "replicated"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "fsdp2" if int(getattr(state.fsdp_plugin, "fsdp_version", 1) or 1) == 2 \
+            else "fsdp1"
+    return "replicated"
 
 
 def _find_trainer(callback: TrainerCallback) -> Trainer | None:
@@ -76,6 +106,14 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
     integration; W&B shows them as ``train/merge/...``) and, with W&B, the λ-vs-metric curve.
     Training is bitwise the same as without the callback: the soup is never swapped in.
 
+    Under DeepSpeed ZeRO-1/2 it runs as under DDP. Under DeepSpeed ZeRO-3 and FSDP (weights
+    sharded across ranks) every rank merges and evaluates only its own shards, and the soup is
+    written by every rank as a sharded folder ``<soup_dir>/soup-<step>.sharded/`` with the
+    sidecar ``soup-<step>.json`` instead of a ``save_pretrained`` folder; make a Hugging Face
+    folder of it with ``python -m merge_callback.fsdp SRC OUT --hf-config checkpoint-<step>``.
+    Only the pairwise soup (the default ``history``, ``snapshot_every``, ``ema_decays``) is
+    supported there.
+
     Args:
         heldout: a ``Dataset`` (batched with the Trainer's data collator and
             ``per_device_eval_batch_size``), a ``DataLoader`` or any re-iterable of batches;
@@ -97,7 +135,9 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
             ``checkpoint-<step>/merge_callback_state.safetensors``.
 
     Raises:
-        ValueError: for any invalid argument, naming what is allowed.
+        ValueError: for any invalid argument, naming what is allowed; at train begin, for
+            averaging families with sharded weights, or ZeRO-3 with parameters on NVMe, ZeRO++
+            hpZ or MiCS.
 
     Example::
 
@@ -192,17 +232,25 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
             raise RuntimeError("BayesMergeTrainerCallback could not find the Trainer it belongs "
                                "to; call callback.bind(trainer) before trainer.train()")
         self._trainer_ref = weakref.ref(trainer)
-        if getattr(trainer, "is_deepspeed_enabled", False) or \
-                getattr(trainer, "is_fsdp_enabled", False):
-            raise ValueError("BayesMergeTrainerCallback needs the full weights on every process; "
-                             "DeepSpeed and FSDP (sharded weights) are not supported")
+        self._mode = _parallel_mode(trainer)
+        if self._mode in SHARDED_MODES and not self.pairwise_only:
+            raise ValueError(
+                f"BayesMergeTrainerCallback(history > 2, ema_decays or snapshot_every) does not "
+                f"support sharded weights ({self._mode}): only the pairwise merge of the last two "
+                "checkpoint saves is built shard-locally. HINT: use the defaults history=2, "
+                "ema_decays=(), snapshot_every=None (or DeepSpeed ZeRO stage 1 or 2, or DDP)")
         data, sharded = self._heldout_data(trainer, args)
+        context = trainer.accelerator.autocast
+        if self._mode == "zero3":  # see merge_callback.engine.zero.evaluation_context
+            context = without_inference_mode(context)
         self._evaluator = HeldoutEvaluator(
             data, self.metric, max_batches=self.max_batches, rank=args.process_index,
             world_size=args.world_size, shard=not sharded, seed=self.config.seed,
             reduce_sum=dist.all_reduce_sum if dist.world_size() > 1 else None,
-            context=trainer.accelerator.autocast)
-        module = _unwrap(model if model is not None else trainer.model)
+            context=context)
+        # a sharded forward gathers parameters (collective): every rank runs as many forwards
+        self._evaluator.balanced = self._mode in SHARDED_MODES
+        module = self._target(model if model is not None else trainer.model)
         warning = self.schedule.preflight(
             module, data, self._soup_root(args) if self.save_soups and args.should_save else None,
             max_batches=self.max_batches, store_dir=self._soup_root(args) / ".averaging")
@@ -212,7 +260,7 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._evaluator is not None:
-            self.schedule.on_train_step(_unwrap(model), state.global_step)
+            self.schedule.on_train_step(self._target(model), state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.schedule.release()  # give recycled page-locked memory back
@@ -221,7 +269,8 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
         step = state.global_step
         if self._evaluator is None or not self.schedule.is_new_save(step):
             return
-        self.schedule.on_save(step, self._runtime(args, state, _unwrap(model), processing_class))
+        self.schedule.on_save(step, self._runtime(args, state, self._target(model),
+                                                  processing_class))
         try:
             self._store_state_in_checkpoint(args, state, step)
         except Exception as e:  # noqa: BLE001 - reported, training goes on (on_error="warn")
@@ -236,15 +285,27 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
         if state.is_world_process_zero:
             warnings.warn(f"BayesMergeTrainerCallback: {message}", UserWarning, stacklevel=3)
 
+    def _target(self, model: nn.Module) -> nn.Module:
+        """The module that holds the weights and is evaluated: the root FSDP1 wrapper under FSDP1
+        (the Trainer's ``model`` then), else the model without ``torch.compile``'s wrapper."""
+        if getattr(self, "_mode", None) == "fsdp1":
+            return model
+        return _unwrap(model)
+
     def _runtime(self, args, state, target: nn.Module, processing_class) -> Runtime:
         """How a round evaluates, agrees, writes, logs and reports under this Trainer."""
         assert self._evaluator is not None
+        sharded = is_sharded(target)
 
         def write(soup: ChosenSoup) -> None:
-            if args.should_save:
+            if sharded:  # collective: every rank writes its own pieces
+                self._write_sharded_soup(args, soup)
+            elif args.should_save:
                 self._write_soup(args, soup, processing_class)
 
-        return Runtime(module=target, evaluate=self._evaluator, broadcast=dist.broadcast_object,
+        return Runtime(module=target, evaluate=self._evaluator,
+                       view=ShardLocalView(target) if sharded else None,
+                       broadcast=dist.broadcast_object,
                        write=write if self.save_soups else None,
                        log=lambda result, history: self._log(args, state, result),
                        warn=lambda msg: self._warn(state, msg))
@@ -315,6 +376,18 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
             self._prune_soups(root, result.step)
         return folder
 
+    def _write_sharded_soup(self, args, soup: ChosenSoup) -> Path:
+        """``soup-<step>.sharded/`` (every rank's pieces) and the sidecar ``soup-<step>.json``."""
+        result = soup.result
+        root = self._soup_root(args)
+        folder = soup.write_files(root, f"soup-{result.step}", is_writer=args.should_save,
+                                  extra_metadata={
+                                      "checkpoint": f"checkpoint-{result.step}",
+                                      "previous_checkpoint": f"checkpoint-{result.previous_step}"})
+        if self.keep_last_soups is not None and dist.rank() == 0:
+            self._prune_soups(root, result.step)
+        return folder
+
     def _soup_root(self, args) -> Path:
         return self.soup_dir if self.soup_dir is not None else Path(args.output_dir) / "soups"
 
@@ -326,6 +399,8 @@ class BayesMergeTrainerCallback(ScheduleOwner, TrainerCallback, ExportableState)
                 soups.append((int(m.group(1)), p))
         soups.sort()
         for _, p in soups[:-self.keep_last_soups]:
+            if p.suffix == ".sharded":  # the sidecar first: it marks a complete soup
+                p.with_suffix(".json").unlink(missing_ok=True)
             shutil.rmtree(p)
 
     def _log(self, args, state, result: RoundResult) -> None:

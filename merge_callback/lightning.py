@@ -22,6 +22,7 @@ from typing_extensions import override
 from merge_callback.engine import RoundResult, Runtime, ShardLocalView
 from merge_callback.engine.schedule import ChosenSoup, ScheduleOwner
 from merge_callback.engine.sharded import is_sharded
+from merge_callback.engine.zero import without_inference_mode, zero_config_problem
 from merge_callback.evaluate import HeldoutEvaluator, MetricFn
 from merge_callback.progress import RoundProgress
 from merge_callback.tracking import log_round_to_wandb_run, round_scalars
@@ -37,6 +38,12 @@ class BayesMergeCallback(ScheduleOwner, Callback):
     ``soup_dir/soup-step={step}.safetensors`` with a ``.json`` sidecar, and logs ``merge/lambda``,
     ``merge/soup``, ``merge/latest`` and ``merge/previous`` to every logger of the trainer. The soup
     is never swapped into training: the run is bitwise the same as without the callback.
+
+    Strategies: single device, DDP, DeepSpeed (ZeRO-1/2 as DDP), and, shard-locally (each rank
+    merges and evaluates its own shards; soups are written by every rank as a sharded folder
+    ``soup-step={step}.sharded/``, see ``python -m merge_callback.fsdp``), DeepSpeed ZeRO-3,
+    ``FSDPStrategy`` (FSDP1) and ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2); see
+    :func:`check_strategy_supported`.
 
     Args:
         heldout: held-out batches (a ``DataLoader`` or any re-iterable); ``None`` uses the trainer's
@@ -134,30 +141,34 @@ class BayesMergeCallback(ScheduleOwner, Callback):
         else:
             data = self.heldout if self.heldout is not None else _validation_loader(trainer)
         sharded = isinstance(getattr(data, "sampler", None), DistributedSampler)
+        context = trainer.strategy.precision_plugin.forward_context
+        if self._mode == "zero3":
+            context = without_inference_mode(context)
         self._evaluator = HeldoutEvaluator(
             data, self.metric, max_batches=self.max_batches, rank=trainer.global_rank,
             world_size=trainer.world_size, shard=not sharded, seed=self.config.seed,
-            reduce_sum=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
-            context=trainer.strategy.precision_plugin.forward_context)
-        # under FSDP2 every rank must run the same number of forward passes (parameter gathers)
-        self._evaluator.balanced = self._mode == "fsdp2"
+            reduce_sum=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), context=context)
+        # with sharded weights a forward gathers parameters (a collective): every rank must run
+        # the same number of forward passes
+        self._evaluator.balanced = self._mode in SHARDED_MODES
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._evaluator is not None
+        target = self._target(trainer, pl_module)
         for warning in (self.schedule.preflight(
-                pl_module, self._evaluator.data,
+                target, self._evaluator.data,
                 self._resolve_soup_dir(trainer) if self.save_soups else None,
                 max_batches=self.max_batches,
                 store_dir=self._resolve_soup_dir(trainer) / ".averaging"),
-                self.schedule.resume(pl_module, trainer.global_step)):
+                self.schedule.resume(target, trainer.global_step)):
             if warning:
                 rank_zero_warn(f"BayesMergeCallback: {warning}")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.schedule.on_train_step(pl_module, trainer.global_step)
+        self.schedule.on_train_step(self._target(trainer, pl_module), trainer.global_step)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -194,6 +205,15 @@ class BayesMergeCallback(ScheduleOwner, Callback):
         self.schedule.load_state_dict(state_dict)
 
     # ---------------------------------------------------------------- glue
+    def _target(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """The module that holds the weights and is called for evaluation: under FSDP1 the root
+        ``FullyShardedDataParallel`` wrapper (``trainer.strategy.model``: its forward gathers
+        the root's own parameters, and its local view has the LightningModule's keys);
+        otherwise the LightningModule (DeepSpeed's ZeRO-3 hooks sit on its submodules)."""
+        if getattr(self, "_mode", None) == "fsdp1":
+            return trainer.strategy.model
+        return pl_module
+
     def _runtime(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Runtime:
         """How a round evaluates, agrees, writes, logs and reports under this trainer."""
         assert self._evaluator is not None
@@ -212,12 +232,13 @@ class BayesMergeCallback(ScheduleOwner, Callback):
                       higher_is_better=self.metric.higher_is_better, lam_range=lam_range)
             return bar
 
-        return Runtime(module=pl_module, evaluate=self._evaluator,
-                       view=ShardLocalView(pl_module) if is_sharded(pl_module) else None,
+        target = self._target(trainer, pl_module)
+        return Runtime(module=target, evaluate=self._evaluator,
+                       view=ShardLocalView(target) if is_sharded(target) else None,
                        broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0),
                        write=write if self.save_soups else None, log=log,
                        warn=lambda msg: rank_zero_warn(f"BayesMergeCallback: {msg}"),
-                       progress=progress if self.pairwise_only else None)
+                       progress=progress)
 
     def _resolve_soup_dir(self, trainer: pl.Trainer) -> Path:
         if self.soup_dir is not None:
@@ -263,17 +284,19 @@ def _round_progress(trainer: pl.Trainer) -> RoundProgress:
 
 
 # --------------------------------------------------------------------------- strategies
-_SUPPORTED = ("single-device strategies, DDPStrategy, and "
+_SUPPORTED = ("single-device strategies, DDPStrategy, DeepSpeedStrategy (ZeRO stages 1-3), "
+              "FSDPStrategy (FSDP1, FULL_SHARD / SHARD_GRAD_OP / NO_SHARD), and "
               "ModelParallelStrategy with tensor_parallel_size=1 and fully_shard (FSDP2) applied "
               "in LightningModule.configure_model")
 _FSDP2_HINT = ("HINT: use Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, "
                "tensor_parallel_size=1)) and call torch.distributed.fsdp.fully_shard(module, "
                "mesh=self.device_mesh['data_parallel']) in LightningModule.configure_model")
+#: strategy modes whose weights are sharded: rounds merge each rank's pieces, pairwise only
+SHARDED_MODES = ("fsdp2", "zero3", "fsdp1")
 
 
 class UnsupportedStrategyError(NotImplementedError):
     """The trainer's strategy is one the merge callback cannot run under."""
-
 
 
 def _tensor_parallel_size(strategy: Any) -> int:
@@ -287,8 +310,25 @@ def _tensor_parallel_size(strategy: Any) -> int:
     return int(tp)
 
 
+def _deepspeed_mode(strategy: Any, prefix: str) -> str:
+    """``"deepspeed"`` (ZeRO-1/2: full weights on every rank) or ``"zero3"``; raises for ZeRO-3
+    settings whose partitions cannot be merged in place."""
+    zero = (getattr(strategy, "config", None) or {}).get("zero_optimization") or {}
+    problem = zero_config_problem(zero)
+    if problem is not None:
+        raise UnsupportedStrategyError(f"{prefix}: {problem}. Supported: {_SUPPORTED}")
+    return "zero3" if int(zero.get("stage", 0) or 0) >= 3 else "deepspeed"
+
+
 def check_strategy_supported(trainer_or_strategy: Any, *, pairwise_only: bool = True) -> str:
-    """Return ``"single"``, ``"ddp"`` or ``"fsdp2"``; raise for a strategy the callback can't use.
+    """Return how the callback runs under the trainer's strategy; raise if it cannot.
+
+    Returns:
+        ``"single"``, ``"ddp"``, ``"deepspeed"`` (ZeRO-1/2: full weights on every rank, as under
+        DDP), ``"zero3"`` (DeepSpeed ZeRO-3: each rank merges its parameter partitions),
+        ``"fsdp1"`` (``FSDPStrategy``: each rank merges its flat-parameter shards) or
+        ``"fsdp2"`` (``ModelParallelStrategy`` with ``fully_shard``: each rank merges its
+        ``DTensor`` shards).
 
     Args:
         trainer_or_strategy: a Lightning ``Trainer`` (its ``strategy`` is checked) or a strategy.
@@ -296,9 +336,10 @@ def check_strategy_supported(trainer_or_strategy: Any, *, pairwise_only: bool = 
             ``ema_decays`` or ``snapshot_every``); sharded models support nothing else.
 
     Raises:
-        UnsupportedStrategyError: ``FSDPStrategy`` (FSDP1), ``DeepSpeedStrategy``, XLA strategies,
-            ``ModelParallelStrategy`` with tensor parallelism or with ``pairwise_only=False``, or
-            an unknown strategy; the message names the strategy, what is supported and how to
+        UnsupportedStrategyError: XLA strategies; ``ModelParallelStrategy`` with tensor
+            parallelism; ``FSDPStrategy`` with hybrid sharding; DeepSpeed ZeRO-3 with parameters
+            on NVMe, ZeRO++ hpZ or MiCS; ``pairwise_only=False`` under ZeRO-3, FSDP1 or FSDP2; an
+            unknown strategy. The message names the strategy, what is supported and how to
             switch.
     """
     from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy,
@@ -308,36 +349,40 @@ def check_strategy_supported(trainer_or_strategy: Any, *, pairwise_only: bool = 
     strategy = getattr(trainer_or_strategy, "strategy", trainer_or_strategy)
     name = type(strategy).__name__
     prefix = f"BayesMergeCallback does not support {name}"
-    if isinstance(strategy, FSDPStrategy):
-        raise UnsupportedStrategyError(
-            f"{prefix} (FSDP1 keeps each rank's parameters inside flattened FlatParameters; "
-            f"merging them shard-locally is not implemented). Supported: {_SUPPORTED}. "
-            f"{_FSDP2_HINT}")
-    if isinstance(strategy, DeepSpeedStrategy):
-        raise UnsupportedStrategyError(
-            f"{prefix} (ZeRO partitions parameters and keeps fp32 master weights inside the "
-            "optimizer, outside the module's state_dict; merging them is not implemented). "
-            f"Supported: {_SUPPORTED}. {_FSDP2_HINT}")
+    mode = None
     if isinstance(strategy, (XLAStrategy, SingleDeviceXLAStrategy)):
         raise UnsupportedStrategyError(f"{prefix} (XLA devices). Supported: {_SUPPORTED}")
-    if isinstance(strategy, ModelParallelStrategy):
+    if isinstance(strategy, FSDPStrategy):
+        sharding = getattr(getattr(strategy, "sharding_strategy", None), "name", "FULL_SHARD")
+        if "HYBRID" in str(sharding):
+            raise UnsupportedStrategyError(
+                f"{prefix} with sharding_strategy={sharding}: parameters are sharded within "
+                "groups smaller than all ranks. HINT: use sharding_strategy='FULL_SHARD' or "
+                f"'SHARD_GRAD_OP'. Supported: {_SUPPORTED}")
+        mode = "fsdp1"
+    elif isinstance(strategy, DeepSpeedStrategy):
+        mode = _deepspeed_mode(strategy, prefix)
+    elif isinstance(strategy, ModelParallelStrategy):
         tp = _tensor_parallel_size(strategy)
         if tp != 1:
             raise UnsupportedStrategyError(
                 f"{prefix} with tensor_parallel_size={tp}: held-out batches are split across "
                 "data-parallel ranks only. Supported: " + _SUPPORTED + ". " + _FSDP2_HINT)
-        if not pairwise_only:
-            raise UnsupportedStrategyError(
-                f"BayesMergeCallback(history > 2, ema_decays or snapshot_every) does not support "
-                f"{name}: with sharded (FSDP2) weights only the pairwise merge of the last two "
-                "checkpoint saves is built shard-locally. HINT: use the defaults history=2, "
-                "ema_decays=(), snapshot_every=None")
-        return "fsdp2"
-    if isinstance(strategy, DDPStrategy):
+        mode = "fsdp2"
+    elif isinstance(strategy, DDPStrategy):
         return "ddp"
-    if isinstance(strategy, SingleDeviceStrategy):
+    elif isinstance(strategy, SingleDeviceStrategy):
         return "single"
-    raise UnsupportedStrategyError(f"{prefix}. Supported: {_SUPPORTED}")
+    if mode is None:
+        raise UnsupportedStrategyError(f"{prefix}. Supported: {_SUPPORTED}")
+    if mode in SHARDED_MODES and not pairwise_only:
+        what = {"fsdp2": "FSDP2", "zero3": "DeepSpeed ZeRO-3", "fsdp1": "FSDP1"}[mode]
+        raise UnsupportedStrategyError(
+            f"BayesMergeCallback(history > 2, ema_decays or snapshot_every) does not support "
+            f"{name}: with sharded ({what}) weights only the pairwise merge of the last two "
+            "checkpoint saves is built shard-locally. HINT: use the defaults history=2, "
+            "ema_decays=(), snapshot_every=None (or DeepSpeed ZeRO stage 1 or 2, DDP)")
+    return mode
 
 
 def _validation_loader(trainer: pl.Trainer) -> Any:

@@ -1,10 +1,11 @@
-"""Two-process transformers.Trainer run (gloo, CPU) under DeepSpeed ZeRO-2 or ZeRO-3.
+"""Two-process transformers.Trainer run (gloo, CPU) of the real BayesMergeTrainerCallback under
+DeepSpeed ZeRO-2 or ZeRO-3; started by test_zero.py through ``torch.distributed.run``.
 
-Started by test_zero.py through ``python -m torch.distributed.run --nproc_per_node 2``. In the
-same two processes: trains with the shard-local merge probe (tests/zero_probe.py) running in
-``on_save`` after the checkpoints of steps 4 and 8 are written; trains again without it, so the
-test can compare the final weights bitwise; and resumes the second run from its step-4
-checkpoint, recording the local view ``on_train_begin`` sees and the final weights.
+In the same two processes: (1) trains 8 steps with the callback, saving checkpoints at steps 4
+and 8 (a round at step 8), and saves the consolidated weights of both saves (gathered for the
+checks only); (2) trains again without the callback (bitwise comparison); (3) resumes (1)'s
+step-4 checkpoint with a fresh callback, which must redo the same round and write the same soup;
+(4) starts a run with ``history=3``, refused under ZeRO-3 (the message is recorded).
 Usage: hf_zero_script.py OUT_DIR {zero2,zero3}
 """
 
@@ -23,12 +24,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from merge_callback.data import BlockDataset, tiny_gpt_neox  # noqa: E402
 from lightning_helpers import VOCAB, token_blocks  # noqa: E402
-from merge_callback.zero import local_state_dict_any  # noqa: E402
-from zero_probe import Probe, gather_full  # noqa: E402
+from merge_callback.data import BlockDataset, tiny_gpt_neox  # noqa: E402
+from merge_callback.engine import (ChosenSoup, ShardedSnapshot, Snapshot,  # noqa: E402
+                                   pairwise_family)
+from merge_callback.hf import BayesMergeTrainerCallback  # noqa: E402
+from strategies_cpu import gather_full  # noqa: E402
 
-MAX_STEPS = 10
+MAX_STEPS, EVERY = 8, 4
 
 
 def collate(items):
@@ -38,6 +41,10 @@ def collate(items):
 
 def tiny_model():
     return tiny_gpt_neox(VOCAB, seed=0, hidden_size=32, num_layers=2, num_heads=4, max_len=32)
+
+
+def heldout_loader() -> DataLoader:
+    return DataLoader(BlockDataset(token_blocks(24, seed=2)), batch_size=8, collate_fn=collate)
 
 
 def ds_config(kind: str) -> dict:
@@ -51,25 +58,53 @@ def ds_config(kind: str) -> dict:
             "train_batch_size": "auto", "gradient_clipping": "auto"}
 
 
-class ProbeCallback(TrainerCallback):
-    def __init__(self, probe: Probe):
-        self.probe = probe
+class KeepingMergeCallback(BayesMergeTrainerCallback):
+    """The real callback; after each round it also writes the pairwise soup at a fixed λ = 0.7
+    (``fixed_dir``, written like the round's soup files) and keeps the round's observations."""
+
+    def __init__(self, *args, fixed_dir: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fixed_dir, self.observations = fixed_dir, []
+
+    def _runtime(self, args, state, target, processing_class):
+        import dataclasses
+
+        rt = super()._runtime(args, state, target, processing_class)
+        write = rt.write
+
+        def keep(soup):
+            prev = soup.sources["previous"]  # a copy: the written soup may be built inside it
+            copy = {k: v.clone() for k, v in prev.tensors.items()}
+            prev = (ShardedSnapshot(copy, prev.step, prev.layouts)
+                    if isinstance(prev, ShardedSnapshot) else Snapshot(copy, prev.step))
+            latest = soup.sources["latest"]
+            write(soup)
+            self.observations.append([list(o) for o in soup.result.observations])
+            fixed = ChosenSoup(dataclasses.replace(soup.result, lam=0.7),
+                               pairwise_family("previous", "latest", 0.5),
+                               {"previous": prev, "latest": latest}, soup.target)
+            fixed.write_files(self.fixed_dir, f"soup-{soup.result.step}",
+                              is_writer=args.should_save)
+
+        rt.write = keep
+        return rt
+
+
+class FullWeights(TrainerCallback):
+    """Consolidated weights at every save (rank zero writes ``full-<step>.pt``) (collective)."""
+
+    def __init__(self, out: Path):
+        self.out = out
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        self.probe.step(model, state.global_step)
-
-
-class BeginView(TrainerCallback):
-    """The local view (a copy) and the step when training begins or resumes."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        local, _ = local_state_dict_any(model)
-        self.view = {k: t.clone() for k, t in local.items()}
-        self.step = state.global_step
+        full = gather_full(model)
+        if state.is_world_process_zero:
+            torch.save(full, self.out / f"full-{state.global_step}.pt")
 
 
 def train(out: Path, kind: str, callbacks, resume=None) -> tuple[Trainer, dict]:
-    args = TrainingArguments(output_dir=str(out), max_steps=MAX_STEPS, save_steps=4,
+    out.mkdir(parents=True, exist_ok=True)
+    args = TrainingArguments(output_dir=str(out), max_steps=MAX_STEPS, save_steps=EVERY,
                              per_device_train_batch_size=4, learning_rate=1e-2,
                              lr_scheduler_type="constant", report_to="none", use_cpu=True,
                              ddp_backend="gloo", logging_steps=1, disable_tqdm=True, seed=0,
@@ -85,37 +120,37 @@ def train(out: Path, kind: str, callbacks, resume=None) -> tuple[Trainer, dict]:
 def main(out: Path, kind: str) -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    heldout = DataLoader(BlockDataset(token_blocks(24, seed=2)), batch_size=8,
-                         collate_fn=collate)
-    batch = next(iter(heldout))["input_ids"]
-    probe = Probe(heldout, batch, out / "soups")
-    trainer, merged = train(out / "probe", kind, [ProbeCallback(probe)])
+    cb = KeepingMergeCallback(heldout=heldout_loader(), budget=3,
+                              soup_dir=out / "merge" / "soups", fixed_dir=out / "merge" / "fixed")
+    trainer, merged = train(out / "merge", kind, [FullWeights(out / "merge"), cb])
     t1 = time.perf_counter()
     _, plain = train(out / "plain", kind, [])
     t2 = time.perf_counter()
-    begin = BeginView()
-    _, resumed = train(out / "plain", kind, [begin], resume=out / "plain" / "checkpoint-4")
+    again = KeepingMergeCallback(heldout=heldout_loader(), budget=3,
+                                 soup_dir=out / "resume" / "soups",
+                                 fixed_dir=out / "resume" / "fixed")
+    _, resumed = train(out / "resume", kind, [again], resume=out / "merge" / "checkpoint-4")
+    refusal = None
+    try:  # averaging families need full weights: refused at train begin under ZeRO-3
+        train(out / "refused", kind, [BayesMergeTrainerCallback(heldout=heldout_loader(),
+                                                                history=3)])
+    except ValueError as e:
+        refusal = str(e)
     rank = trainer.args.process_index
-    record = dict(probe.record)
-    record.update(world_size=trainer.args.world_size, kind=kind,
-                  zero_stage=trainer.accelerator.state.deepspeed_plugin.zero_stage,
-                  is_deepspeed_enabled=trainer.is_deepspeed_enabled,
-                  losses_equal=merged["losses"] == plain["losses"], losses=merged["losses"],
-                  final_keys_equal=sorted(merged["final"]) == sorted(plain["final"]),
-                  final_bitwise=all(torch.equal(merged["final"][k], plain["final"][k])
-                                    for k in plain["final"]),
-                  fit_seconds=[t1 - t0, t2 - t1],
-                  resume_step=begin.step,
-                  resume_view_equal=sorted(begin.view) == sorted(probe.prev_local) and all(
-                      torch.equal(begin.view[k], probe.prev_local[k]) for k in begin.view),
-                  resume_losses_equal=resumed["losses"][-6:] == plain["losses"][4:],
-                  resume_losses=resumed["losses"],
-                  resume_final_bitwise=all(torch.equal(resumed["final"][k], plain["final"][k])
-                                           for k in plain["final"]))
-    if rank == 0:
-        probe.verify_on_rank_zero(tiny_model)
-        record.update(probe.record)
-    (out / f"rank{rank}.json").write_text(json.dumps(record, default=str))
+    record = {"world_size": trainer.args.world_size, "mode": cb._mode, "history": cb.history,
+              "observations": cb.observations, "resume_observations": again.observations,
+              "balanced": cb._evaluator.balanced,
+              "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
+              "losses_equal": merged["losses"] == plain["losses"], "losses": merged["losses"],
+              "final_keys_equal": sorted(merged["final"]) == sorted(plain["final"]),
+              "final_bitwise": all(torch.equal(merged["final"][k], plain["final"][k])
+                                   for k in plain["final"]),
+              "fit_seconds": [t1 - t0, t2 - t1, time.perf_counter() - t2],
+              "resume_history": again.history, "refusal": refusal,
+              "resume_losses_equal": resumed["losses"][-EVERY:] == plain["losses"][EVERY:],
+              "resume_final_bitwise": all(torch.equal(resumed["final"][k], plain["final"][k])
+                                          for k in plain["final"])}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
     torch.distributed.barrier()
     # as in hf_ddp_script.py: leave without tearing down gloo (its destructors may hang)
     sys.stdout.flush()

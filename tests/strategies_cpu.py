@@ -87,3 +87,27 @@ class CPUFSDPStrategy(FSDPStrategy):
         return FullyShardedDataParallel(
             module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
             sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)
+
+
+def gather_full(target: Module) -> dict[str, torch.Tensor]:
+    """Consolidated weights on every rank (collective), for the checks only.
+
+    Args:
+        target: a ZeRO-3 module (gathered with ``deepspeed.zero.GatheredParameters``), a root
+            FSDP1 wrapper (``FULL_STATE_DICT``) or a module with full weights.
+    """
+    from merge_callback.engine.zero import is_fsdp1, is_zero3
+
+    if is_zero3(target):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(target.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in target.state_dict().items()}
+    if is_fsdp1(target):
+        from torch.distributed.fsdp import (FullStateDictConfig, FullyShardedDataParallel,
+                                            StateDictType)
+
+        cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+        with FullyShardedDataParallel.state_dict_type(target, StateDictType.FULL_STATE_DICT, cfg):
+            return {k: v.detach().clone() for k, v in target.state_dict().items()}
+    return {k: v.detach().clone() for k, v in target.state_dict().items()}

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_helpers import loaders, module
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric

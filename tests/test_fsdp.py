@@ -19,7 +19,8 @@ from merge_callback.io.soups import SHARDED_FORMAT, consolidate_sharded_soup, re
 from merge_callback.merge import lerp_state_dicts
 from test_ddp import launch
 
-SUPPORTED = r"Supported: single-device strategies, DDPStrategy, and " \
+SUPPORTED = r"Supported: single-device strategies, DDPStrategy, DeepSpeedStrategy \(ZeRO " \
+            r"stages 1-3\), FSDPStrategy \(FSDP1, FULL_SHARD / SHARD_GRAD_OP / NO_SHARD\), and " \
             r"ModelParallelStrategy with tensor_parallel_size=1 and fully_shard \(FSDP2\)"
 
 
@@ -37,36 +38,64 @@ def test_supported_strategies_of_real_trainers():
     assert check_strategy_supported(fsdp2) == "fsdp2"
     assert check_strategy_supported(SingleDeviceStrategy("cpu")) == "single"
     assert check_strategy_supported(DDPStrategy()) == "ddp"
+    assert check_strategy_supported(FSDPStrategy()) == "fsdp1"
+    assert check_strategy_supported(FSDPStrategy(sharding_strategy="NO_SHARD")) == "fsdp1"
 
 
-def test_fsdp1_strategy_is_refused_with_the_fix():
-    with pytest.raises(UnsupportedStrategyError,
-                       match=r"BayesMergeCallback does not support FSDPStrategy \(FSDP1 keeps each "
-                             r"rank's parameters inside flattened FlatParameters; merging them "
-                             r"shard-locally is not implemented\)\. "
-                             + SUPPORTED + r".*HINT: use Trainer\(strategy=ModelParallelStrategy"
-                             r"\(data_parallel_size=N, tensor_parallel_size=1\)\)"):
-        check_strategy_supported(FSDPStrategy())
-
-
-def test_deepspeed_strategy_is_refused():
-    # DeepSpeedStrategy() needs the deepspeed package and a GPU; the check only looks at the class
+def _deepspeed(zero: dict) -> DeepSpeedStrategy:
+    # DeepSpeedStrategy() needs the deepspeed package and a GPU; the check reads only its config
     strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    strategy.config = {"zero_optimization": zero}
+    return strategy
+
+
+def test_deepspeed_stages_map_to_replicated_or_shard_local_merges():
+    assert check_strategy_supported(_deepspeed({"stage": 1})) == "deepspeed"
+    assert check_strategy_supported(_deepspeed({"stage": 2}), pairwise_only=False) == "deepspeed"
+    assert check_strategy_supported(_deepspeed({"stage": 3})) == "zero3"
+    assert check_strategy_supported(
+        _deepspeed({"stage": 3, "offload_param": {"device": "cpu"}})) == "zero3"
+
+
+@pytest.mark.parametrize("zero,match", [
+    ({"stage": 3, "offload_param": {"device": "nvme"}},
+     r"ZeRO-3 with offload_param\.device='nvme' keeps the parameter "
+     r"partitions on NVMe, where they cannot be merged in place; HINT: offload_param\.device "
+     r"'cpu' or 'none'\. " + SUPPORTED),
+    ({"stage": 3, "zero_hpz_partition_size": 8},
+     r"ZeRO\+\+ zero_hpz_partition_size=8 keeps secondary partitions .*HINT: "
+     r"zero_hpz_partition_size=1\. " + SUPPORTED),
+    ({"stage": 3, "mics_shard_size": 4},
+     r"MiCS \(mics_shard_size=4\) partitions parameters over groups smaller than all ranks"),
+])
+def test_deepspeed_settings_without_local_views_are_refused(zero, match):
     with pytest.raises(UnsupportedStrategyError,
-                       match=r"BayesMergeCallback does not support DeepSpeedStrategy \(ZeRO "
-                             r"partitions parameters .*" + SUPPORTED):
-        check_strategy_supported(strategy)
+                       match=r"BayesMergeCallback does not support DeepSpeedStrategy: " + match):
+        check_strategy_supported(_deepspeed(zero))
 
 
-def test_fsdp2_supports_only_pairwise_merges():
-    trainer = L.Trainer(accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
-                        strategy=ModelParallelStrategy(data_parallel_size=2,
-                                                       tensor_parallel_size=1))
+@pytest.mark.parametrize("sharding", ["HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"])
+def test_fsdp1_hybrid_sharding_is_refused(sharding):
+    with pytest.raises(UnsupportedStrategyError,
+                       match=r"BayesMergeCallback does not support FSDPStrategy with "
+                             rf"sharding_strategy={sharding}: parameters are sharded within "
+                             r"groups smaller than all ranks\. HINT: use sharding_strategy="
+                             r"'FULL_SHARD' or 'SHARD_GRAD_OP'\. " + SUPPORTED):
+        check_strategy_supported(FSDPStrategy(sharding_strategy=sharding,
+                                              auto_wrap_policy={torch.nn.Linear}))
+
+
+@pytest.mark.parametrize("strategy,what", [
+    (lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "FSDP2"),
+    (lambda: FSDPStrategy(), "FSDP1"),
+    (lambda: _deepspeed({"stage": 3}), "DeepSpeed ZeRO-3"),
+])
+def test_sharded_strategies_support_only_pairwise_merges(strategy, what):
     with pytest.raises(UnsupportedStrategyError,
                        match=r"BayesMergeCallback\(history > 2, ema_decays or snapshot_every\) "
-                             r"does not support ModelParallelStrategy: .* HINT: use the defaults "
-                             r"history=2"):
-        check_strategy_supported(trainer, pairwise_only=False)
+                             rf"does not support \w+Strategy: with sharded \({what}\) weights "
+                             r"only the pairwise merge .* HINT: use the defaults history=2"):
+        check_strategy_supported(strategy(), pairwise_only=False)
     ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
                     enable_progress_bar=False)
     assert check_strategy_supported(ddp, pairwise_only=False) == "ddp"

@@ -1,6 +1,5 @@
 import csv
 import json
-import warnings
 from pathlib import Path
 
 import lightning as L

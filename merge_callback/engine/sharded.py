@@ -1,9 +1,12 @@
-"""Views of each rank's local shards (FSDP2 ``DTensor`` parameters), never gathered.
+"""Views of each rank's local shards, never gathered: FSDP2 ``DTensor`` parameters, DeepSpeed
+ZeRO-3 partitions and FSDP1 flat-parameter shards.
 
 Merging and averaging are elementwise, so a round on a sharded model works on every rank's own
 pieces: :class:`ShardLocalView` gives the round a ``state_dict()`` of local tensors that share
-storage with the live parameters, and :func:`reshard` drops unsharded copies so that the next
-forward gathers the edited shards.
+storage with the live parameters, and :func:`reshard` drops gathered copies so that the next
+forward gathers the edited shards. ZeRO-3 and FSDP1 pieces come from
+:mod:`merge_callback.engine.zero` (1-D slices of the flattened parameter with a
+``FlatShardLayout``); for FSDP1 the module is the root ``FullyShardedDataParallel`` wrapper.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from merge_callback import dist
+from merge_callback.engine import zero
 
 __all__ = ["ShardLayout", "is_sharded", "local_state_dict", "ShardLocalView", "reshard"]
 
@@ -45,9 +49,13 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def is_sharded(module: nn.Module) -> bool:
-    """True if any parameter or buffer of ``module`` is a ``DTensor`` (FSDP2, tensor parallel)."""
+    """True if ``module``'s weights are sharded across ranks: a ``DTensor`` parameter or buffer
+    (FSDP2, tensor parallel), a DeepSpeed ZeRO-3 partitioned parameter, or a FSDP1
+    ``FullyShardedDataParallel`` wrapper in ``module`` (then :func:`local_state_dict` needs the
+    root wrapper)."""
     return any(_is_dtensor(p) for p in module.parameters()) or \
-        any(_is_dtensor(b) for b in module.buffers())
+        any(_is_dtensor(b) for b in module.buffers()) or zero.is_zero3(module) or \
+        zero.is_fsdp1(module)
 
 
 def _local(key: str, t: Tensor) -> tuple[Tensor, ShardLayout]:
@@ -71,21 +79,46 @@ def _local(key: str, t: Tensor) -> tuple[Tensor, ShardLayout]:
     return local, ShardLayout(tuple(t.shape), tuple(int(o) for o in offset), owner)
 
 
-def local_state_dict(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, ShardLayout]]:
-    """``module.state_dict()`` with every ``DTensor`` replaced by its local shard, plus layouts.
+def local_state_dict(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``module.state_dict()`` with every sharded tensor replaced by this rank's piece, plus
+    layouts.
 
-    The local tensors share storage with the live parameters: writing into them changes the
-    module's weights on this rank.
+    FSDP2 / tensor parallel: each ``DTensor`` becomes its local shard (a :class:`ShardLayout`);
+    DeepSpeed ZeRO-3: :func:`~merge_callback.engine.zero.local_state_dict_zero3`; a root FSDP1
+    wrapper: :func:`~merge_callback.engine.zero.local_state_dict_fsdp1` (keys without FSDP's
+    prefixes). The local tensors share storage with the live parameters: writing into them
+    changes the module's weights on this rank (call :func:`reshard` before the next forward).
+
+    Raises:
+        ValueError: ``module`` contains FSDP1 wrappers but is not the root one, or its sharding
+            cannot be merged in place (Partial placements, uneven DTensor shards, ZeRO-3 NVMe
+            offload, ZeRO++ hpZ, MiCS, FSDP1 hybrid sharding); the message names the tensor.
     """
+    if zero.is_zero3(module):
+        return zero.local_state_dict_zero3(module)
+    if zero.is_fsdp1(module):
+        return zero.local_state_dict_fsdp1(module)
     tensors: dict[str, Tensor] = {}
-    layouts: dict[str, ShardLayout] = {}
+    layouts: dict[str, Any] = {}
     for key, t in module.state_dict().items():
         tensors[key], layouts[key] = _local(key, t.detach())
     return tensors, layouts
 
 
 def reshard(module: nn.Module) -> None:
-    """Drop FSDP2's unsharded parameter copies so the next forward gathers the current shards."""
+    """Make the next forward see in-place edits of the local shards (call on every rank).
+
+    FSDP2: drop the unsharded parameter copies; DeepSpeed ZeRO-3: release gathered parameters and
+    re-gather the persistent ones (:func:`~merge_callback.engine.zero.refresh_zero3`, a
+    collective); FSDP1: free the unsharded flat parameters
+    (:func:`~merge_callback.engine.zero.reshard_fsdp1`).
+    """
+    if zero.is_zero3(module):
+        zero.refresh_zero3(module)
+        return
+    if zero.is_fsdp1(module):
+        zero.reshard_fsdp1(module)
+        return
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover

@@ -33,7 +33,7 @@ from merge_callback.io.atomic import atomic_directory, atomic_write_json, save_s
 from merge_callback.io.readers import detect_key_prefix
 
 __all__ = ["SHARDED_FORMAT", "write_soup_files", "write_hf_soup_folder", "shard_file_name",
-           "write_sharded_soup", "read_sharded_soup", "consolidate_sharded_soup",
+           "write_sharded_soup", "place_piece", "read_sharded_soup", "consolidate_sharded_soup",
            "write_tensor_state", "read_tensor_state"]
 
 SHARDED_FORMAT = "merge_callback.sharded_soup"
@@ -163,6 +163,40 @@ def write_sharded_soup(soup_dir: str | os.PathLike, stem: str,
 # --------------------------------------------------------------------------- reading
 
 
+def place_piece(full: Tensor, piece: Tensor, spec: Mapping[str, Any], key: str = "?") -> int:
+    """Copy ``piece`` into ``full`` where the layout JSON ``spec`` says; return its numel.
+
+    Args:
+        full: the full tensor being assembled (contiguous).
+        piece: one rank's piece.
+        spec: ``{"shape", "offset"}`` (an n-dimensional block, as written for FSDP2 DTensors and
+            replicated tensors) or ``{"shape", "flat_offset"}`` (a 1-D slice of the flattened
+            tensor, as written for ZeRO-3 partitions and FSDP1 flat shards).
+        key: the tensor's name, for error messages.
+
+    Raises:
+        ValueError: the spec has neither ``offset`` nor ``flat_offset``, or the piece does not fit.
+    """
+    if "flat_offset" in spec:
+        start = int(spec["flat_offset"])
+        n = piece.numel()
+        if piece.dim() != 1 or start < 0 or start + n > full.numel():
+            raise ValueError(f"piece of {key!r}: shape {tuple(piece.shape)} at flat offset "
+                             f"{start} does not fit a tensor of {full.numel()} elements "
+                             f"(flat pieces must be 1-D)")
+        full.view(-1)[start:start + n] = piece
+        return n
+    if "offset" in spec:
+        offset = list(spec["offset"])
+        if len(offset) != piece.dim() or any(o + s > f for o, s, f in
+                                             zip(offset, piece.shape, full.shape)):
+            raise ValueError(f"piece of {key!r}: shape {tuple(piece.shape)} at offset {offset} "
+                             f"does not fit shape {tuple(full.shape)}")
+        full[tuple(slice(o, o + s) for o, s in zip(offset, piece.shape))] = piece
+        return piece.numel()
+    raise ValueError(f"layout of {key!r} has neither 'offset' nor 'flat_offset': {dict(spec)}")
+
+
 def _index_path(path: Path) -> Path:
     if path.is_dir():
         return path / "index.json"
@@ -217,9 +251,7 @@ def read_sharded_soup(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
                 if key not in full:
                     full[key] = torch.empty(spec["shape"], dtype=piece.dtype)
                     covered[key] = 0
-                region = tuple(slice(o, o + s) for o, s in zip(spec["offset"], piece.shape))
-                full[key][region] = piece
-                covered[key] += piece.numel()
+                covered[key] += place_piece(full[key], piece, spec, key)
     for key in index["keys"]:
         if key not in full:
             raise ValueError(f"sharded soup {folder} has no piece of tensor {key!r}")

@@ -1,6 +1,7 @@
 """Local views of DeepSpeed ZeRO-3 and FSDP1 (``FullyShardedDataParallel``) weights.
 
-A *local view* is what :func:`merge_callback.fsdp.local_state_dict` gives for FSDP2: a mapping
+A *local view* is what :func:`merge_callback.engine.sharded.local_state_dict` gives (it
+dispatches here for ZeRO-3 and FSDP1 and handles FSDP2 ``DTensor`` itself): a mapping
 ``key -> tensor`` whose tensors share storage with the weights this rank holds, plus a layout per
 key saying where the piece sits in the full tensor. Writing into the view's tensors changes the
 live weights on this rank; after such a write, call :func:`sync_after_edit` before the next
@@ -21,10 +22,11 @@ Where the pieces come from:
 
 Flat pieces carry a :class:`FlatShardLayout` (``{"shape": [...], "flat_offset": k}`` in a
 sharded soup's header) instead of the n-dimensional ``offset`` of
-:class:`merge_callback.fsdp.ShardLayout`; :func:`place_piece` puts either kind into a full tensor,
+:class:`merge_callback.engine.sharded.ShardLayout`; :func:`merge_callback.io.soups.place_piece`
+puts either kind into a full tensor,
 and :func:`read_pieces` assembles pieces of both kinds.
 
-Only ``torch`` is imported at module level; DeepSpeed is never imported here (its parameters are
+Only ``torch`` (and this package's ``dist`` and ``io.soups``) is imported at module level; DeepSpeed is never imported here (its parameters are
 recognised by their ``ds_*`` attributes).
 """
 
@@ -33,12 +35,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from merge_callback import dist
+from merge_callback.io.soups import place_piece
 
 __all__ = [
     "FlatShardLayout",
@@ -49,30 +54,25 @@ __all__ = [
     "local_state_dict_fsdp1",
     "local_state_dict_any",
     "sync_after_edit",
+    "zero_config_problem",
     "grad_free_context",
     "evaluation_context",
+    "without_inference_mode",
     "reshard_fsdp1",
     "refresh_zero3",
-    "place_piece",
     "read_pieces",
     "gather_pieces_to_rank_zero",
 ]
 
 
-def _rank(group: Any = None) -> int:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    return dist.get_rank(group=group)
+def _group_rank(group: Any) -> int:
+    """This process's rank in ``group`` (0 without a process group)."""
+    return torch.distributed.get_rank(group=group) if dist.initialized() else 0
 
 
-def _world(group: Any = None) -> int:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group=group)
+def _group_size(group: Any) -> int:
+    """The number of ranks in ``group`` (1 without a process group)."""
+    return torch.distributed.get_world_size(group=group) if dist.initialized() else 1
 
 
 # --------------------------------------------------------------------------- layouts
@@ -119,47 +119,13 @@ class ReplicatedLayout:
         return {"shape": list(self.shape), "offset": [0] * len(self.shape)}
 
 
-def place_piece(full: Tensor, piece: Tensor, spec: Mapping[str, Any], key: str = "?") -> int:
-    """Copy ``piece`` into ``full`` where the layout JSON ``spec`` says; return its numel.
-
-    Args:
-        full: the full tensor being assembled (contiguous).
-        piece: one rank's piece.
-        spec: ``{"shape", "offset"}`` (an n-dimensional block, as written for FSDP2 DTensors and
-            replicated tensors) or ``{"shape", "flat_offset"}`` (a 1-D slice of the flattened
-            tensor, as written for ZeRO-3 partitions and FSDP1 flat shards).
-        key: the tensor's name, for error messages.
-
-    Raises:
-        ValueError: the spec has neither ``offset`` nor ``flat_offset``, or the piece does not fit.
-    """
-    if "flat_offset" in spec:
-        start = int(spec["flat_offset"])
-        n = piece.numel()
-        if piece.dim() != 1 or start < 0 or start + n > full.numel():
-            raise ValueError(f"piece of {key!r}: shape {tuple(piece.shape)} at flat offset "
-                             f"{start} does not fit a tensor of {full.numel()} elements "
-                             f"(flat pieces must be 1-D)")
-        full.view(-1)[start:start + n] = piece
-        return n
-    if "offset" in spec:
-        offset = list(spec["offset"])
-        if len(offset) != piece.dim() or any(o + s > f for o, s, f in
-                                             zip(offset, piece.shape, full.shape)):
-            raise ValueError(f"piece of {key!r}: shape {tuple(piece.shape)} at offset {offset} "
-                             f"does not fit shape {tuple(full.shape)}")
-        full[tuple(slice(o, o + s) for o, s in zip(offset, piece.shape))] = piece
-        return piece.numel()
-    raise ValueError(f"layout of {key!r} has neither 'offset' nor 'flat_offset': {dict(spec)}")
-
-
 def read_pieces(files: Iterable[str | os.PathLike],
                 keys: Iterable[str] | None = None) -> dict[str, Tensor]:
     """Assemble full tensors from shard files written by ``write_sharded_soup``.
 
     Each file is a safetensors file whose header metadata ``"layout"`` maps every key to a layout
     JSON (see :func:`place_piece`). This is the loop of
-    :func:`merge_callback.fsdp.read_sharded_soup` with flat pieces added.
+    :func:`merge_callback.io.soups.read_sharded_soup` without its index file.
 
     Args:
         files: the shard files (every rank's).
@@ -213,17 +179,15 @@ def gather_pieces_to_rank_zero(tensors: Mapping[str, Tensor], layouts: Mapping[s
     Raises:
         ValueError: on rank zero, a key whose pieces do not cover it exactly once.
     """
-    import torch.distributed as dist
-
     mine = {k: (t.detach().cpu(), layouts[k].to_json()) for k, t in tensors.items()
             if layouts[k].owner}
     order = list(tensors) if keys is None else list(keys)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if dist.world_size() == 1:
         parts = [mine]
     else:
-        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(mine, parts, dst=0)
-        if dist.get_rank() != 0:
+        parts = [None] * dist.world_size() if dist.rank() == 0 else None
+        torch.distributed.gather_object(mine, parts, dst=0)
+        if dist.rank() != 0:
             return None
     full: dict[str, Tensor] = {}
     covered: dict[str, int] = {}
@@ -297,8 +261,8 @@ def local_state_dict_zero3(module: nn.Module) -> tuple[dict[str, Tensor], dict[s
             a secondary partition (ZeRO++ ``zero_hpz_partition_size``) or a partition group other
             than all ranks (MiCS).
     """
-    rank0 = _rank() == 0
-    world = _world()
+    rank0 = dist.rank() == 0
+    world = dist.world_size()
     tensors: dict[str, Tensor] = {}
     layouts: dict[str, Any] = {}
     seen: dict[int, tuple[Tensor, Any]] = {}
@@ -320,13 +284,13 @@ def local_state_dict_zero3(module: nn.Module) -> tuple[dict[str, Tensor], dict[s
                              "zero_hpz_partition_size > 1), which an in-place edit of the "
                              "primary partition would leave stale; use zero_hpz_partition_size=1")
         group = getattr(p, "ds_process_group", None)
-        if _world(group) != world:
-            raise ValueError(f"parameter {key!r} is partitioned over {_world(group)} of "
+        if _group_size(group) != world:
+            raise ValueError(f"parameter {key!r} is partitioned over {_group_size(group)} of "
                              f"{world} ranks (MiCS); only partitioning over all ranks is "
                              "supported")
         shape = tuple(int(s) for s in p.ds_shape)
         size = int(part.ds_numel)
-        start = size * _rank(group)
+        start = size * _group_rank(group)
         n = max(0, min(size, int(p.ds_numel) - start))
         entry = (part.view(-1).narrow(0, 0, n), FlatShardLayout(shape, start, n > 0))
         seen[id(p)] = entry
@@ -369,6 +333,34 @@ def refresh_zero3(module: nn.Module) -> tuple[int, int]:
     return freed, len(persistent)
 
 
+def zero_config_problem(zero_optimization: Mapping[str, Any] | None) -> str | None:
+    """Why a DeepSpeed ``zero_optimization`` config cannot be merged shard-locally, or ``None``.
+
+    ZeRO stages 0-2 keep full parameters on every rank (merged as under DDP) and ZeRO-3 keeps a
+    partition per rank (merged in place); refused are ZeRO-3 parameters kept on NVMe
+    (``offload_param.device="nvme"``), ZeRO++ secondary partitions
+    (``zero_hpz_partition_size > 1``) and MiCS (``mics_shard_size > 0``), which
+    :func:`local_state_dict_zero3` cannot view. The answer names the setting and the fix.
+    """
+    zero = dict(zero_optimization or {})
+    if int(zero.get("stage", 0) or 0) < 3:
+        return None
+    device = (zero.get("offload_param") or {}).get("device", "none")
+    if str(device).lower() == "nvme":
+        return ("ZeRO-3 with offload_param.device='nvme' keeps the parameter partitions on NVMe, "
+                "where they cannot be merged in place; HINT: offload_param.device 'cpu' or "
+                "'none'")
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    if int(hpz or 1) > 1:
+        return (f"ZeRO++ zero_hpz_partition_size={hpz} keeps secondary partitions that an "
+                "in-place merge would leave stale; HINT: zero_hpz_partition_size=1")
+    mics = zero.get("mics_shard_size", -1)
+    if int(mics if mics is not None else -1) > 0:
+        return (f"MiCS (mics_shard_size={mics}) partitions parameters over groups smaller than "
+                "all ranks; HINT: leave mics_shard_size unset")
+    return None
+
+
 # --------------------------------------------------------------------------- FSDP1
 
 
@@ -404,8 +396,8 @@ def local_state_dict_fsdp1(module: nn.Module) -> tuple[dict[str, Tensor], dict[s
     cls = _fsdp1_root(module)
     from torch.distributed.fsdp._common_utils import clean_tensor_name
 
-    rank0 = _rank() == 0
-    world = _world()
+    rank0 = dist.rank() == 0
+    world = dist.world_size()
     tensors: dict[str, Tensor] = {}
     layouts: dict[str, Any] = {}
     for prefix, m in module.named_modules():
@@ -421,9 +413,9 @@ def local_state_dict_fsdp1(module: nn.Module) -> tuple[dict[str, Tensor], dict[s
         if local is None:
             local = flat.data
         sharded = handle.uses_sharded_strategy
-        if sharded and _world(handle.process_group) != world:
+        if sharded and _group_size(handle.process_group) != world:
             raise ValueError(f"FSDP module {prefix or '<root>'!r} shards over "
-                             f"{_world(handle.process_group)} of {world} ranks (hybrid "
+                             f"{_group_size(handle.process_group)} of {world} ranks (hybrid "
                              "sharding); only sharding over all ranks is supported")
         pieces: dict[str, tuple[Tensor, Any]] = {}
         for fqn, shape, info in zip(flat._fqns, flat._shapes, flat._shard_param_infos):
@@ -482,7 +474,7 @@ def local_state_dict_any(module: nn.Module) -> tuple[dict[str, Tensor], dict[str
 
     ZeRO-3: :func:`local_state_dict_zero3`; a root FSDP1 wrapper: :func:`local_state_dict_fsdp1`;
     otherwise ``(module.state_dict(), None)`` (full tensors: single device, DDP, ZeRO-1/2; FSDP2
-    DTensors are handled by :func:`merge_callback.fsdp.local_state_dict`).
+    DTensors are handled by :func:`merge_callback.engine.sharded.local_state_dict`).
     """
     if is_zero3(module):
         return local_state_dict_zero3(module)
@@ -516,6 +508,19 @@ def grad_free_context():
     """
     with torch.inference_mode(False), torch.no_grad():
         yield
+
+
+def without_inference_mode(context: Callable[[], Any] | None = None) -> Callable[[], Any]:
+    """A context factory: :func:`grad_free_context` with ``context()`` (e.g. a framework's
+    autocast) inside it; give it to a held-out evaluator of a ZeRO-3 model (see
+    :func:`evaluation_context`)."""
+
+    @contextlib.contextmanager
+    def both():
+        with grad_free_context(), (context or contextlib.nullcontext)():
+            yield
+
+    return both
 
 
 def evaluation_context(module: nn.Module):
