@@ -90,8 +90,9 @@ def test_killed_cli_merge_leaves_no_partial_output_and_no_debris(tmp_path, big_c
     before = {p: _sha(p) for p in big_checkpoints}
     out = tmp_path / "soup"
 
-    def writing():  # the temporary folder exists and holds at least one shard
-        return any(p.is_dir() and any(p.iterdir()) for p in tmp_path.glob(".soup.tmp-*"))
+    def writing():  # the temporary folder exists and holds bytes of at least one shard
+        return any(p.is_dir() and any(f.is_file() and f.stat().st_size > 0 for f in p.rglob("*"))
+                   for p in tmp_path.glob(".soup.tmp-*"))
 
     proc = _start_cli(big_checkpoints, out)
     assert _wait_for(writing, proc), proc.communicate()
