@@ -28,7 +28,7 @@ from merge_callback.engine import is_sharded, local_state_dict
 from merge_callback.engine.zero import (FlatShardLayout, ReplicatedLayout, evaluation_context,
                                         grad_free_context, is_fsdp1, is_zero3,
                                         local_state_dict_any, local_state_dict_fsdp1,
-                                        read_pieces, without_inference_mode,
+                                        without_inference_mode,
                                         zero_config_problem)
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
 from merge_callback.io.soups import consolidate_sharded_soup, place_piece, read_sharded_soup
@@ -203,6 +203,8 @@ def test_place_piece_flat_and_block():
 
 
 def test_read_pieces_assembles_flat_and_replicated(tmp_path):
+    from merge_callback.io.soups import read_pieces
+
     w = torch.arange(10.0).reshape(2, 5)
     b = torch.tensor([3.0, 4.0])
     lay0 = {"w": FlatShardLayout((2, 5), 0, True).to_json(),

@@ -24,7 +24,7 @@ Flat pieces carry a :class:`FlatShardLayout` (``{"shape": [...], "flat_offset": 
 sharded soup's header) instead of the n-dimensional ``offset`` of
 :class:`merge_callback.engine.sharded.ShardLayout`; :func:`merge_callback.io.soups.place_piece`
 puts either kind into a full tensor,
-and :func:`read_pieces` assembles pieces of both kinds.
+and :func:`merge_callback.io.soups.read_pieces` assembles pieces of both kinds.
 
 Only ``torch`` (and this package's ``dist`` and ``io.soups``) is imported at module level; DeepSpeed is never imported here (its parameters are
 recognised by their ``ds_*`` attributes).
@@ -33,8 +33,6 @@ recognised by their ``ds_*`` attributes).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +58,6 @@ __all__ = [
     "without_inference_mode",
     "reshard_fsdp1",
     "refresh_zero3",
-    "read_pieces",
     "gather_pieces_to_rank_zero",
 ]
 
@@ -117,45 +114,6 @@ class ReplicatedLayout:
 
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "offset": [0] * len(self.shape)}
-
-
-def read_pieces(files: Iterable[str | os.PathLike],
-                keys: Iterable[str] | None = None) -> dict[str, Tensor]:
-    """Assemble full tensors from shard files written by ``write_sharded_soup``.
-
-    Each file is a safetensors file whose header metadata ``"layout"`` maps every key to a layout
-    JSON (see :func:`place_piece`). This is the loop of
-    :func:`merge_callback.io.soups.read_sharded_soup` without its index file.
-
-    Args:
-        files: the shard files (every rank's).
-        keys: the keys expected (default: every key found), in the order returned.
-
-    Raises:
-        ValueError: a key has no piece, or its pieces do not cover it exactly once.
-    """
-    from safetensors import safe_open
-
-    full: dict[str, Tensor] = {}
-    covered: dict[str, int] = {}
-    for name in files:
-        with safe_open(str(name), framework="pt") as f:
-            layout = json.loads(f.metadata()["layout"])
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                piece = f.get_tensor(key)
-                spec = layout[key]
-                if key not in full:
-                    full[key] = torch.empty(spec["shape"], dtype=piece.dtype)
-                    covered[key] = 0
-                covered[key] += place_piece(full[key], piece, spec, key)
-    order = list(full) if keys is None else list(keys)
-    for key in order:
-        if key not in full:
-            raise ValueError(f"no piece of tensor {key!r} in {len(covered)} tensors read")
-        if covered[key] != full[key].numel():
-            raise ValueError(f"the pieces of {key!r} cover {covered[key]} of "
-                             f"{full[key].numel()} elements")
-    return {k: full[k] for k in order}
 
 
 def gather_pieces_to_rank_zero(tensors: Mapping[str, Tensor], layouts: Mapping[str, Any],

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from merge_callback.io.atomic import atomic_directory, atomic_write_json, save_s
 from merge_callback.io.readers import detect_key_prefix
 
 __all__ = ["SHARDED_FORMAT", "write_soup_files", "write_hf_soup_folder", "shard_file_name",
-           "write_sharded_soup", "place_piece", "read_sharded_soup", "consolidate_sharded_soup",
+           "write_sharded_soup", "place_piece", "read_pieces", "read_sharded_soup",
+           "consolidate_sharded_soup",
            "write_tensor_state", "read_tensor_state"]
 
 SHARDED_FORMAT = "merge_callback.sharded_soup"
@@ -209,6 +210,46 @@ def _index_path(path: Path) -> Path:
     return path
 
 
+def read_pieces(files: Iterable[str | os.PathLike], keys: Iterable[str] | None = None, *,
+                where: str = "") -> dict[str, Tensor]:
+    """Assemble full tensors from shard files written by :func:`write_sharded_soup`.
+
+    Each file is a safetensors file whose header metadata ``"layout"`` maps every key to a layout
+    JSON (an ``offset`` per dimension, or a ``flat_offset`` into the flattened tensor; see
+    :func:`place_piece`).
+
+    Args:
+        files: the shard files (every rank's).
+        keys: the keys expected (default: every key found), in the order returned.
+        where: prefix of error messages (e.g. ``"sharded soup <folder>: "``).
+
+    Raises:
+        ValueError: a key has no piece, or the pieces do not cover a tensor exactly.
+    """
+    from safetensors import safe_open
+
+    full: dict[str, Tensor] = {}
+    covered: dict[str, int] = {}
+    for name in files:
+        with safe_open(str(name), framework="pt") as f:
+            layout = json.loads(f.metadata()["layout"])
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                piece = f.get_tensor(key)
+                spec = layout[key]
+                if key not in full:
+                    full[key] = torch.empty(spec["shape"], dtype=piece.dtype)
+                    covered[key] = 0
+                covered[key] += place_piece(full[key], piece, spec, key)
+    order = list(full) if keys is None else list(keys)
+    for key in order:
+        if key not in full:
+            raise ValueError(f"{where}no piece of tensor {key!r} in {len(covered)} tensors read")
+        if covered[key] != full[key].numel():
+            raise ValueError(f"{where}the pieces of {key!r} cover {covered[key]} of "
+                             f"{full[key].numel()} elements")
+    return {k: full[k] for k in order}
+
+
 def read_sharded_soup(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Assemble a sharded soup into full tensors (in the live module's key order).
 
@@ -222,7 +263,6 @@ def read_sharded_soup(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
         FileNotFoundError: the folder, its index or a shard file is missing.
         ValueError: not a sharded soup, or the pieces do not cover every tensor exactly.
     """
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.exists():
@@ -240,25 +280,9 @@ def read_sharded_soup(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
     if missing:
         raise FileNotFoundError(f"sharded soup {folder} is missing {len(missing)} of "
                                 f"{len(index['files'])} shard files (e.g. {missing[0]})")
-    full: dict[str, Tensor] = {}
-    covered: dict[str, int] = {}
-    for name in index["files"]:
-        with safe_open(str(folder / name), framework="pt") as f:
-            layout = json.loads(f.metadata()["layout"])
-            for key in f.keys():
-                piece = f.get_tensor(key)
-                spec = layout[key]
-                if key not in full:
-                    full[key] = torch.empty(spec["shape"], dtype=piece.dtype)
-                    covered[key] = 0
-                covered[key] += place_piece(full[key], piece, spec, key)
-    for key in index["keys"]:
-        if key not in full:
-            raise ValueError(f"sharded soup {folder} has no piece of tensor {key!r}")
-        if covered[key] != full[key].numel():
-            raise ValueError(f"sharded soup {folder}: the pieces of {key!r} cover "
-                             f"{covered[key]} of {full[key].numel()} elements")
-    return {k: full[k] for k in index["keys"]}, dict(index["metadata"])
+    full = read_pieces([folder / name for name in index["files"]], index["keys"],
+                       where=f"sharded soup {folder}: ")
+    return full, dict(index["metadata"])
 
 
 def consolidate_sharded_soup(path: str | os.PathLike, out: str | os.PathLike, *,
