@@ -465,12 +465,7 @@ def build_mix_soup(latest: Snapshot, mix: Mix, module: nn.Module | None = None
         module: the live module (or shard view) the round scored in; ``None`` builds on the host.
     """
     latest_sd = latest.tensors
-    if module is not None:
-        keys = [k for k, _ in live_targets(module, latest_sd)]
-    else:
-        seen: set[int] = set()
-        keys = [k for k, v in latest_sd.items()
-                if is_mergeable(v) and not (id(v) in seen or seen.add(id(v)))]
+    keys = _soup_keys(latest_sd, module)
     scratch = {k: torch.empty(latest_sd[k].shape, dtype=torch.float32) for k in keys}
     if module is not None:
         live = [x for _, x in live_targets(module, latest_sd)]
@@ -483,8 +478,25 @@ def build_mix_soup(latest: Snapshot, mix: Mix, module: nn.Module | None = None
     dests = [scratch[k] if latest_sd[k].dtype == torch.float32 else torch.empty_like(latest_sd[k])
              for k in keys]
     mix_into_(dests, keys, mix, scratch)
-    by_id = {id(latest_sd[k]): d for k, d in zip(keys, dests)}
-    return {k: by_id.get(id(v), v) if is_mergeable(v) else v for k, v in latest_sd.items()}
+    return _full_state_dict(latest_sd, keys, dests)
+
+
+def _soup_keys(latest: Mapping[str, Tensor], module: nn.Module | None) -> list[str]:
+    """The keys a soup is computed for: the live module's mergeable targets (each storage once),
+    or without a module the mergeable keys of ``latest`` (tied keys once)."""
+    if module is not None:
+        return [k for k, _ in live_targets(module, latest)]
+    seen: set[int] = set()
+    return [k for k, v in latest.items()
+            if is_mergeable(v) and not (id(v) in seen or seen.add(id(v)))]
+
+
+def _full_state_dict(latest: Mapping[str, Tensor], keys: list[str],
+                     dests: list[Tensor]) -> dict[str, Tensor]:
+    """Every key of ``latest``: the soup tensors ``dests`` for ``keys`` (and the keys tied to
+    them), the latest's own tensors for the rest (non-float ones)."""
+    by_id = {id(latest[k]): d for k, d in zip(keys, dests)}
+    return {k: by_id.get(id(v), v) if is_mergeable(v) else v for k, v in latest.items()}
 
 
 def build_soup(sources: Mapping[str, Snapshot], family: Family, t: float, *,
@@ -510,12 +522,7 @@ def build_soup(sources: Mapping[str, Snapshot], family: Family, t: float, *,
         raise ValueError(f"a soup can be built in place only inside the first source of a lerp "
                          f"family; {family.name} has sources {family.sources}, got into={into!r}")
     latest_sd = sources[latest].tensors
-    if module is not None:
-        keys = [k for k, _ in live_targets(module, latest_sd)]
-    else:
-        seen: set[int] = set()
-        keys = [k for k, v in latest_sd.items()
-                if is_mergeable(v) and not (id(v) in seen or seen.add(id(v)))]
+    keys = _soup_keys(latest_sd, module)
     srcs = [[sources[n].tensors[k] for k in keys] for n in family.sources]
     weights, lerp = family.weights(t), family.kind == "lerp"
     dests = ([sources[into].tensors[k] for k in keys] if into is not None
@@ -528,8 +535,7 @@ def build_soup(sources: Mapping[str, Snapshot], family: Family, t: float, *,
                                   lambda: combine_into_(live, staged, weights, lerp),
                                   refresh=lambda: _refresh(module))
     combine_into_(dests, srcs, weights, lerp)
-    by_id = {id(latest_sd[k]): d for k, d in zip(keys, dests)}
-    return {k: by_id.get(id(v), v) if is_mergeable(v) else v for k, v in latest_sd.items()}
+    return _full_state_dict(latest_sd, keys, dests)
 
 
 def soup_state_dict(previous: Snapshot, latest: Snapshot, lam: float, in_place: bool = False,
@@ -561,5 +567,4 @@ def soup_from_live(latest: Mapping[str, Tensor], keys: list[str], live: list[Ten
         combine_into_(live, [latest_t], (1.0,), False)  # exact restore: copies the latest
         if refresh is not None:
             refresh()
-    by_id = {id(latest[k]): d for k, d in zip(keys, dests)}
-    return {k: by_id.get(id(t), t) if is_mergeable(t) else t for k, t in latest.items()}
+    return _full_state_dict(latest, keys, dests)
