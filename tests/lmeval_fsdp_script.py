@@ -4,6 +4,7 @@ Usage: python lmeval_fsdp_script.py OUT_DIR
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,3 +50,9 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    # every rank has written its results: leave without tearing gloo/DDP down (freeing them at
+    # interpreter exit has aborted the process, "terminate called without an active exception")
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
