@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from merge_callback import dist
-from merge_callback.engine import zero
+import merge_callback.engine.zero as zero
 
 __all__ = ["ShardLayout", "is_sharded", "local_state_dict", "ShardLocalView", "reshard"]
 
