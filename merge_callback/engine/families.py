@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -301,7 +301,6 @@ class AutoPlan:
     tracks: list[tuple[StoredWeights, float]]
     alpha: float
     mode: Any
-    notes: dict = field(default_factory=dict)
 
     @property
     def previous(self) -> StoredWeights | None:
