@@ -285,3 +285,15 @@ def test_engine_round_chooses_what_the_anytime_benchmark_chose(tmp_path):
                                         "pairwise": ch["pair_lambda"]}
         assert {"ph": "phema", "win": "window", "pair": "pairwise"}.get(
             ch["key"][0], ch["key"][0]) == r.family
+
+
+def test_fp32_host_weights_are_their_own_scratch():
+    """An fp32 CPU model's candidates are accumulated straight into its live tensors (no fp32
+    scratch copy: 3 host copies in a round); other dtypes get an fp32 host scratch."""
+    from merge_callback.engine.families import mix_scratch
+
+    live = [torch.zeros(3), torch.zeros(2, dtype=torch.bfloat16)]
+    scratch = mix_scratch(["a", "b"], live)
+    assert scratch["a"] is live[0]
+    assert scratch["b"] is not live[1] and scratch["b"].dtype == torch.float32
+    assert scratch["b"].shape == live[1].shape

@@ -32,8 +32,8 @@ from merge_callback.engine.snapshot import Snapshot
 from merge_callback.merge import check_compatible, is_mergeable, lerp_tensors_, storage_ident
 
 __all__ = ["Family", "pairwise_family", "geometric_family", "ema_family", "combine_into_",
-           "EmaTrack", "live_targets", "stage_on_devices", "StoredWeights", "effective_mix",
-           "mix_into_", "AutoPlan"]
+           "EmaTrack", "live_targets", "stage_on_devices", "mix_scratch", "StoredWeights",
+           "effective_mix", "mix_into_", "AutoPlan"]
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,16 @@ def mix_into_(live: Sequence[Tensor], keys: Sequence[str], mix: Mix,
     SnapshotStore.accumulate_into_(scratch, [(s.source, w) for s, w in mix], negligible=0.0)
     with torch.no_grad():
         for t, k in zip(live, keys):
-            t.copy_(scratch[k])
+            if scratch[k] is not t:  # a live fp32 host tensor is its own scratch
+                t.copy_(scratch[k])
+
+
+def mix_scratch(keys: Sequence[str], live: Sequence[Tensor]) -> dict[str, Tensor]:
+    """The fp32 host scratch :func:`mix_into_` accumulates in: a live tensor that is already fp32
+    on the CPU is used itself (no further copy of the weights; the sum is the same, bitwise),
+    others get a new fp32 host tensor."""
+    return {k: t if (t.dtype == torch.float32 and t.device.type == "cpu")
+            else torch.empty(t.shape, dtype=torch.float32) for k, t in zip(keys, live)}
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from merge_callback.engine.families import (AutoPlan, Family, Mix, combine_into_, live_targets,
-                                            mix_into_, pairwise_family, stage_on_devices)
+                                            mix_into_, mix_scratch, pairwise_family,
+                                            stage_on_devices)
 from merge_callback.engine.snapshot import Snapshot
 from merge_callback.merge import check_compatible, is_mergeable
 from merge_callback.search import search_interval, validate_search_args
@@ -328,14 +329,15 @@ def _auto_round(module: nn.Module, view: nn.Module, latest_snap: Snapshot, keys:
     latest weights, μ ∈ [0, 1] (both ends known). Each family is one
     :func:`~merge_callback.search.search_interval` with its own budget; a candidate seen before
     is not evaluated again. The soup is the best observed candidate. Every candidate is written
-    into the live tensors through one fp32 host scratch (:func:`load_mix`); the live weights are
-    restored bitwise from ``latest_snap`` in ``finally``.
+    into the live tensors through an fp32 host scratch (:func:`load_mix`; fp32 host weights are
+    their own scratch); the live weights are restored bitwise from ``latest_snap`` in
+    ``finally``.
     """
     mode = plan.mode
     step = plan.step
     sign = -1.0 if higher_is_better else 1.0
     seed = (config.seed + step) % (2**31)
-    scratch = {k: torch.empty(latest_snap.tensors[k].shape, dtype=torch.float32) for k in keys}
+    scratch = mix_scratch(keys, live)
     cands: dict[tuple, dict] = {}  # key -> {"family", "param", "value", "base"}
     candidates: list[dict] = []
     search = dict(strategy=config.strategy, acq_func=config.acq_func, seed=seed,

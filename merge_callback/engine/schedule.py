@@ -23,7 +23,7 @@ import torch
 
 from merge_callback.engine.families import (AutoPlan, EmaTrack, Family, Mix, StoredWeights,
                                             combine_into_, ema_family, geometric_family,
-                                            live_targets, pairwise_family)
+                                            live_targets, mix_scratch, pairwise_family)
 from merge_callback.engine.options import (AUTO, check_bool, validate_averaging_args,
                                            validate_callback_args)
 from merge_callback.engine.round import (RoundConfig, RoundResult, build_mix_soup, build_soup,
@@ -122,6 +122,13 @@ class ChosenSoup:
                                       self.result, extra_metadata)
         if not is_writer:
             return None
+        if self.mix is not None and self.target is not None and all(
+                t.device.type == "cpu" for t in self.target.state_dict().values()):
+            # averaging="auto" on the host: write the soup from the live tensors that hold it
+            # (no further copy of the weights), then restore them
+            with self.loaded() as module:
+                return write_soup_files(soup_dir, stem, dict(module.state_dict()), self.result,
+                                        extra_metadata)[0]
         return write_soup_files(soup_dir, stem, self.tensors(), self.result, extra_metadata)[0]
 
     @contextlib.contextmanager
@@ -132,7 +139,7 @@ class ChosenSoup:
         live = [t for _, t in live_targets(self.target, latest)]
         keys = [k for k, _ in live_targets(self.target, latest)]
         if self.mix is not None:
-            scratch = {k: torch.empty(latest[k].shape, dtype=torch.float32) for k in keys}
+            scratch = mix_scratch(keys, live)
             try:
                 load_mix(self.target, live, keys, self.mix, scratch)
                 del scratch
