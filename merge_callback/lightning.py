@@ -82,8 +82,9 @@ class BayesMergeCallback(ScheduleOwner, Callback):
             held-out evaluations choosing among the latest weights, a post-hoc EMA
             (σ_rel ∈ [0.02, 0.28]), a 1−√ window over the last W ∈ [2, 16] saves, the pairwise
             soup λ ∈ [alpha, 1] and a blend of the best of these with the latest weights
-            (``budget`` does not apply). Not with ``history > 2`` or ``ema_decays``; one process
-            only.
+            (``budget`` does not apply). Not with ``history > 2`` or ``ema_decays``; under DDP
+            rank 0 writes the snapshot folder every rank reads (a shared file system); refused
+            under sharded strategies.
 
     Memory on the host: ``history`` copies of the weights at most (``history − 1`` between
     saves when ``snapshot_every`` is None), plus the previous save's weights when newer snapshots

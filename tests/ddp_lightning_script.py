@@ -1,7 +1,7 @@
 """Two-process DDP run (gloo, CPU) with BayesMergeCallback; started by test_ddp.py.
 
 Lightning re-executes this script for rank 1, so it must be a standalone file.
-Usage: python ddp_lightning_script.py OUT_DIR [averaging]
+Usage: python ddp_lightning_script.py OUT_DIR [averaging|auto]
 """
 
 import json
@@ -19,12 +19,13 @@ from lightning_helpers import loaders, module  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
 
 
-def main(out: Path, averaging: bool) -> None:
+def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     train, heldout = loaders()
-    extra = dict(history=3, snapshot_every=2, ema_decays=(0.9,)) if averaging else {}
-    cb = BayesMergeCallback(heldout=heldout, budget=3 + 2 * averaging, **extra)
+    extra = {"averaging": dict(history=3, snapshot_every=2, ema_decays=(0.9,), budget=5),
+             "auto": dict(averaging="auto", snapshot_every=2)}.get(mode, dict(budget=3))
+    cb = BayesMergeCallback(heldout=heldout, **extra)
     trainer = L.Trainer(default_root_dir=str(out), max_steps=10, accelerator="cpu", devices=2,
                         strategy="ddp", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
@@ -37,4 +38,4 @@ def main(out: Path, averaging: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), averaging=sys.argv[2:] == ["averaging"])
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "pairwise")

@@ -52,3 +52,23 @@ def test_lightning_ddp_averaging_families(tmp_path):
     info = json.loads((tmp_path / "ckpt" / "soups" / "soup-step=10.json").read_text())
     assert info["family"] == h["family"] and info["lambda"] == h["lambda"]
     assert {c["family"] for c in info["candidates"]} >= {"pairwise", "ema0.9", "geometric3"}
+
+
+def test_lightning_ddp_auto_averaging(tmp_path):
+    """averaging="auto" under DDP: rank 0 writes the shared snapshot store, every rank reads it,
+    the ranks agree, and the written soup re-evaluates to the recorded value."""
+    from safetensors.torch import load_file
+
+    launch("ddp_lightning_script.py", tmp_path, sys.executable, args=("auto",))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    (h,) = ranks[0]["history"]  # saves at 5 and 10: the first round needs two stored saves
+    assert h["step"] == 10
+    store = sorted(p.name for p in (tmp_path / "ckpt" / "soups" / ".averaging").iterdir())
+    assert len([n for n in store if n.endswith("-raw.safetensors")]) == 2
+    info = json.loads((tmp_path / "ckpt" / "soups" / "soup-step=10.json").read_text())
+    assert info["averaging"] == "auto" and info["value_soup"] == h["value_soup"]
+    m = module()
+    m.load_state_dict(load_file(str(tmp_path / "ckpt" / "soups" / "soup-step=10.safetensors")))
+    value = HeldoutEvaluator(loaders()[1], resolve_metric("loss"))(m)
+    assert value == pytest.approx(h["value_soup"], rel=1e-9)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 import torch
 
+from merge_callback import dist
 from merge_callback.engine.families import (AutoPlan, EmaTrack, Family, Mix, StoredWeights,
                                             combine_into_, ema_family, geometric_family,
                                             live_targets, mix_scratch, pairwise_family)
@@ -338,9 +339,11 @@ class MergeSchedule:
         self._stored_tensors = None
         warning = None
         if self.store is not None:
-            for e in self.store.entries():
-                if prev is None or e.step > step:
-                    e.path.unlink(missing_ok=True)
+            if dist.rank() == 0:  # the store is shared by the ranks: one of them edits it
+                for e in self.store.entries():
+                    if prev is None or e.step > step:
+                        e.path.unlink(missing_ok=True)
+            dist.barrier()
         if prev is None:
             return None
         if prev != step:
@@ -383,28 +386,29 @@ class MergeSchedule:
                 processes.
         """
         if self.auto:
-            from merge_callback import dist
             from merge_callback.posthoc import SnapshotStore
 
-            if dist.world_size() > 1:
-                raise ValueError(f"averaging='auto' runs in one process (its snapshot store is "
-                                 f"not shared between ranks); got world size "
-                                 f"{dist.world_size()}. HINT: use averaging='pairwise'")
             if store_dir is None and soup_dir is not None:
                 store_dir = Path(soup_dir) / ".averaging"
             if store_dir is None:
                 raise ValueError("averaging='auto' needs a folder for its snapshots: give "
                                  "soup_dir or store_dir")
-            try:
-                check_output_dir(store_dir, 3 * _fp32_bytes(module), name="the averaging "
-                                 "snapshot folder")
-                if Path(store_dir).is_dir():
-                    remove_stale_temporaries(store_dir)
-            except PreflightError as e:
+            problem = None
+            if dist.rank() == 0:  # one writer of the shared snapshot folder
+                try:
+                    check_output_dir(store_dir, 3 * _fp32_bytes(module), name="the averaging "
+                                     "snapshot folder")
+                    if Path(store_dir).is_dir():
+                        remove_stale_temporaries(store_dir)
+                except PreflightError as e:
+                    problem = e
+            problem = dist.broadcast_object(problem)
+            if problem is not None:
                 if self.on_error == "raise":
-                    raise
+                    raise problem
                 self.enabled = False
-                return f"{e}; merge rounds are disabled for this run, training goes on unchanged"
+                return (f"{problem}; merge rounds are disabled for this run, training goes on "
+                        "unchanged")
             self.store = SnapshotStore(store_dir, keep=AUTO.keep)
         try:
             if getattr(self.metric, "fn", None) in (loss_metric, accuracy_metric):
@@ -513,11 +517,19 @@ class MergeSchedule:
                 if self.store is None:
                     raise RuntimeError("averaging='auto' has no snapshot folder (preflight was "
                                        "not run)")
-                self.store.put(step, "raw", {k: latest.tensors[k] for k in keys})
-                for track in self.tracks:
-                    self.store.put(step, self.track_name(track), track.tensors,
-                                   {"gamma": track.gamma, "sigma_rel": track.sigma_rel,
-                                    "every": self.snapshot_every})
+                failure = None
+                if dist.rank() == 0:  # every rank holds the same weights and tracks: one writes
+                    try:
+                        self.store.put(step, "raw", {k: latest.tensors[k] for k in keys})
+                        for track in self.tracks:
+                            self.store.put(step, self.track_name(track), track.tensors,
+                                           {"gamma": track.gamma, "sigma_rel": track.sigma_rel,
+                                            "every": self.snapshot_every})
+                    except Exception as e:  # noqa: BLE001 - agreed on below
+                        failure = e
+                if not dist.all_ok(failure is None):  # also the barrier before others read
+                    raise failure or RuntimeError("writing the averaging snapshots failed on "
+                                                  "rank 0")
             except Exception as e:  # noqa: BLE001 - reported, training goes on
                 if self.on_error == "raise":
                     raise
