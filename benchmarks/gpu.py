@@ -16,7 +16,8 @@ Four phases, every number in one results file (``gpu.md`` + ``gpu.json``, or ``g
    against a recomputation), host and device memory peaks as ratios of the model's bytes.
 4. ``quality``: a Pythia-70M-architecture GPT-NeoX trained from scratch at a constant learning
    rate on Shakespeare plus Python standard-library source, checkpoints at a fixed interval, the
-   callback in its recommended mode (:data:`CALLBACK_SETTINGS`), exact per-step EMAs of a few
+   callback in its recommended mode (:data:`QUALITY_SETTINGS`: ``averaging="auto"``; the cost
+   phases use :data:`CALLBACK_SETTINGS`), exact per-step EMAs of a few
    decays on the device: held-out loss of the latest weights, the soup and the best EMA (chosen
    on the selection shard) on a test shard not used to choose.
 
@@ -69,6 +70,9 @@ RESULTS = Path(__file__).parent / "results"
 #: the callback's settings in phases 2 and 4 ("recommended mode"); one line to switch
 CALLBACK_SETTINGS: dict[str, Any] = dict(history=8, snapshot_every=10,
                                          ema_decays=(0.99, 0.995, 0.998, 0.999), budget=10)
+#: the callback in the quality phase: the recommended mode (post-hoc EMA of any length, windows,
+#: pairwise and a blend, chosen at every save; its first round comes at the second save)
+QUALITY_SETTINGS: dict[str, Any] = dict(averaging="auto", snapshot_every=10)
 #: per-step EMA decays tracked on the device in phase 4
 EMA_DECAYS = (0.99, 0.995, 0.998, 0.999)
 #: a device-to-device copy_ on the lent H200, bytes read + written per second (measured before)
@@ -736,7 +740,7 @@ def bench_quality(plan: Plan, device: torch.device, bundle: Path | None, workdir
                          num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
                          callbacks=callbacks, **kw)
 
-    every = CALLBACK_SETTINGS.get("snapshot_every") or 1
+    every = QUALITY_SETTINGS.get("snapshot_every") or 1
     probe_rate = None
     if plan.q_steps is not None:
         steps = plan.q_steps
@@ -791,7 +795,7 @@ def bench_quality(plan: Plan, device: torch.device, bundle: Path | None, workdir
 
     soups = workdir / "soups"
     merge = BayesMergeCallback(heldout=batches(shards["sel"]), soup_dir=soups, on_error="raise",
-                               **CALLBACK_SETTINGS)
+                               **QUALITY_SETTINGS)
     ema_cb = device_ema_callback(EMA_DECAYS, interval, at_step)
     ckpt = ModelCheckpoint(dirpath=workdir / "ckpt", every_n_train_steps=interval, save_top_k=1)
     t1 = time.perf_counter()
@@ -850,7 +854,7 @@ def bench_quality(plan: Plan, device: torch.device, bundle: Path | None, workdir
             "epochs": (stopped[0] if stopped else steps) * plan.q_batch / int(train.shape[0]),
             "corpus": corpus["source"], "shards": {k: list(v.shape) for k, v in shards.items()},
             "callback": {k: list(v) if isinstance(v, tuple) else v
-                         for k, v in CALLBACK_SETTINGS.items()},
+                         for k, v in QUALITY_SETTINGS.items()},
             "ema_decays": list(EMA_DECAYS), "per_save": saves, "summary": summary}
 
 
