@@ -230,7 +230,8 @@ def _one_family(family: Family, load: Callable[[Family, float], float], config: 
                 seed: int, t0: float, *, step: int, previous_step: int, metric: str,
                 higher_is_better: bool, value_previous: float | None,
                 initial: Mapping[str, float]) -> RoundResult:
-    """The paper's round: λ on ``[lo, hi]`` of one family; the previous weights scored if unknown."""
+    """The paper's round: λ on ``[lo, hi]`` of one family; the previous weights scored if
+    unknown."""
     init = (initial[family.name],) if family.name in initial else ()
     result = search_interval(lambda t: load(family, t), family.lo, family.hi,
                              budget=config.budget, strategy=config.strategy,
@@ -467,15 +468,13 @@ def build_mix_soup(latest: Snapshot, mix: Mix, module: nn.Module | None = None
         module: the live module (or shard view) the round scored in; ``None`` builds on the host.
     """
     latest_sd = latest.tensors
-    keys = _soup_keys(latest_sd, module)
+    keys, live = _soup_targets(latest_sd, module)
     scratch = {k: torch.empty(latest_sd[k].shape, dtype=torch.float32) for k in keys}
-    if module is not None:
-        live = [x for _, x in live_targets(module, latest_sd)]
-        if any(x.device.type != "cpu" for x in live):
-            dests = [torch.empty_like(latest_sd[k]) for k in keys]
-            return soup_from_live(latest_sd, keys, live, dests,
-                                  lambda: mix_into_(live, keys, mix, scratch),
-                                  refresh=lambda: _refresh(module))
+    if live is not None and any(x.device.type != "cpu" for x in live):
+        dests = [torch.empty_like(latest_sd[k]) for k in keys]
+        return soup_from_live(latest_sd, keys, live, dests,
+                              lambda: mix_into_(live, keys, mix, scratch),
+                              refresh=lambda: _refresh(module))
     # on the host an fp32 tensor is its scratch itself (no second copy); others are converted
     dests = [scratch[k] if latest_sd[k].dtype == torch.float32 else torch.empty_like(latest_sd[k])
              for k in keys]
@@ -483,14 +482,17 @@ def build_mix_soup(latest: Snapshot, mix: Mix, module: nn.Module | None = None
     return _full_state_dict(latest_sd, keys, dests)
 
 
-def _soup_keys(latest: Mapping[str, Tensor], module: nn.Module | None) -> list[str]:
-    """The keys a soup is computed for: the live module's mergeable targets (each storage once),
-    or without a module the mergeable keys of ``latest`` (tied keys once)."""
+def _soup_targets(latest: Mapping[str, Tensor], module: nn.Module | None
+                  ) -> tuple[list[str], list[Tensor] | None]:
+    """The keys a soup is computed for and the live tensors that hold them: the live module's
+    mergeable targets (each storage once), or without a module the mergeable keys of ``latest``
+    (tied keys once) and ``None``."""
     if module is not None:
-        return [k for k, _ in live_targets(module, latest)]
+        targets = live_targets(module, latest)
+        return [k for k, _ in targets], [t for _, t in targets]
     seen: set[int] = set()
     return [k for k, v in latest.items()
-            if is_mergeable(v) and not (id(v) in seen or seen.add(id(v)))]
+            if is_mergeable(v) and not (id(v) in seen or seen.add(id(v)))], None
 
 
 def _full_state_dict(latest: Mapping[str, Tensor], keys: list[str],
@@ -524,18 +526,16 @@ def build_soup(sources: Mapping[str, Snapshot], family: Family, t: float, *,
         raise ValueError(f"a soup can be built in place only inside the first source of a lerp "
                          f"family; {family.name} has sources {family.sources}, got into={into!r}")
     latest_sd = sources[latest].tensors
-    keys = _soup_keys(latest_sd, module)
+    keys, live = _soup_targets(latest_sd, module)
     srcs = [[sources[n].tensors[k] for k in keys] for n in family.sources]
     weights, lerp = family.weights(t), family.kind == "lerp"
     dests = ([sources[into].tensors[k] for k in keys] if into is not None
              else [torch.empty_like(latest_sd[k]) for k in keys])
-    if module is not None:
-        live = [x for _, x in live_targets(module, latest_sd)]
-        if any(x.device.type != "cpu" for x in live):
-            staged = stage_on_devices(live, srcs)  # operands where they were in the round
-            return soup_from_live(latest_sd, keys, live, dests,
-                                  lambda: combine_into_(live, staged, weights, lerp),
-                                  refresh=lambda: _refresh(module))
+    if live is not None and any(x.device.type != "cpu" for x in live):
+        staged = stage_on_devices(live, srcs)  # operands where they were in the round
+        return soup_from_live(latest_sd, keys, live, dests,
+                              lambda: combine_into_(live, staged, weights, lerp),
+                              refresh=lambda: _refresh(module))
     combine_into_(dests, srcs, weights, lerp)
     return _full_state_dict(latest_sd, keys, dests)
 

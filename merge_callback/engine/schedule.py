@@ -137,8 +137,8 @@ class ChosenSoup:
         """Hold the soup in the live module's own tensors inside the block (for a framework's
         own ``save_pretrained``); the latest weights are back, bitwise, on exit."""
         latest = self.latest.tensors
-        live = [t for _, t in live_targets(self.target, latest)]
-        keys = [k for k, _ in live_targets(self.target, latest)]
+        targets = live_targets(self.target, latest)
+        keys, live = [k for k, _ in targets], [t for _, t in targets]
         if self.mix is not None:
             scratch = mix_scratch(keys, live)
             try:
