@@ -15,21 +15,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import lmeval_helpers as H  # noqa: E402
+from fsdp_script import ShardedLM  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
-from merge_callback.lm import CausalLMModule  # noqa: E402
 from merge_callback.lmeval import LOCAL_PPL_TASK, LmEvalMetric  # noqa: E402
-
-
-class ShardedLM(CausalLMModule):
-    def configure_model(self):
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.model.gpt_neox.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
 
 
 def main(out: Path) -> None:
