@@ -26,10 +26,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from lightning_helpers import VOCAB, token_blocks  # noqa: E402
 from merge_callback.data import BlockDataset, tiny_gpt_neox  # noqa: E402
-from merge_callback.engine import (ChosenSoup, ShardedSnapshot, Snapshot,  # noqa: E402
-                                   pairwise_family)
 from merge_callback.hf import BayesMergeTrainerCallback  # noqa: E402
-from strategies_cpu import gather_full  # noqa: E402
+from strategies_cpu import also_write_fixed_soup, gather_full  # noqa: E402
 
 MAX_STEPS, EVERY = 8, 4
 
@@ -67,26 +65,9 @@ class KeepingMergeCallback(BayesMergeTrainerCallback):
         self.fixed_dir, self.observations = fixed_dir, []
 
     def _runtime(self, args, state, target, processing_class):
-        import dataclasses
-
         rt = super()._runtime(args, state, target, processing_class)
-        write = rt.write
-
-        def keep(soup):
-            prev = soup.sources["previous"]  # a copy: the written soup may be built inside it
-            copy = {k: v.clone() for k, v in prev.tensors.items()}
-            prev = (ShardedSnapshot(copy, prev.step, prev.layouts)
-                    if isinstance(prev, ShardedSnapshot) else Snapshot(copy, prev.step))
-            latest = soup.sources["latest"]
-            write(soup)
-            self.observations.append([list(o) for o in soup.result.observations])
-            fixed = ChosenSoup(dataclasses.replace(soup.result, lam=0.7),
-                               pairwise_family("previous", "latest", 0.5),
-                               {"previous": prev, "latest": latest}, soup.target)
-            fixed.write_files(self.fixed_dir, f"soup-{soup.result.step}",
-                              is_writer=args.should_save)
-
-        rt.write = keep
+        rt.write = also_write_fixed_soup(rt.write, self.fixed_dir, "soup-", args.should_save,
+                                         self.observations)
         return rt
 
 

@@ -111,3 +111,30 @@ def gather_full(target: Module) -> dict[str, torch.Tensor]:
         with FullyShardedDataParallel.state_dict_type(target, StateDictType.FULL_STATE_DICT, cfg):
             return {k: v.detach().clone() for k, v in target.state_dict().items()}
     return {k: v.detach().clone() for k, v in target.state_dict().items()}
+
+
+def also_write_fixed_soup(write, fixed_dir, stem_prefix: str, is_writer: bool,
+                          observations: list, lam: float = 0.7):
+    """Wrap a ``Runtime.write``: write the round's soup, record its observations, then write the
+    pairwise soup at a fixed ``lam`` of the same two saves, the same way (shard-local when the
+    snapshots are) into ``fixed_dir`` — the tiny test models often choose λ = 1, where a soup is
+    just the latest weights. Returns the wrapper."""
+    import dataclasses
+
+    from merge_callback.engine import ChosenSoup, ShardedSnapshot, Snapshot, pairwise_family
+
+    def keep(soup):
+        prev = soup.sources["previous"]  # a copy: the written soup may be built inside it
+        copy = {k: v.clone() for k, v in prev.tensors.items()}
+        prev = (ShardedSnapshot(copy, prev.step, prev.layouts)
+                if isinstance(prev, ShardedSnapshot) else Snapshot(copy, prev.step))
+        latest = soup.sources["latest"]
+        write(soup)
+        observations.append([list(o) for o in soup.result.observations])
+        fixed = ChosenSoup(dataclasses.replace(soup.result, lam=lam),
+                           pairwise_family("previous", "latest", 0.5),
+                           {"previous": prev, "latest": latest}, soup.target)
+        fixed.write_files(fixed_dir, f"{stem_prefix}{soup.result.step}", is_writer=is_writer)
+
+    return keep
+

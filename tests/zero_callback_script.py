@@ -26,11 +26,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 from lightning_helpers import loaders, module  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
-from merge_callback.engine import ChosenSoup, ShardedSnapshot, Snapshot  # noqa: E402
-from merge_callback.engine import pairwise_family  # noqa: E402
 from merge_callback.lm import CausalLMModule  # noqa: E402
-from strategies_cpu import (CPUDeepSpeedStrategy, CPUFSDPStrategy, gather_full,  # noqa: E402
-                            zero_config)
+from strategies_cpu import (CPUDeepSpeedStrategy, CPUFSDPStrategy,  # noqa: E402
+                            also_write_fixed_soup, gather_full, zero_config)
 
 MAX_STEPS, EVERY = 10, 5
 
@@ -56,25 +54,14 @@ class KeepingMergeCallback(BayesMergeCallback):
         self.fixed_dir, self.observations, self.empty_pieces = fixed_dir, [], None
 
     def _runtime(self, trainer, pl_module):
-        import dataclasses
-
         rt = super()._runtime(trainer, pl_module)
-        write = rt.write
+        write = also_write_fixed_soup(rt.write, self.fixed_dir, "soup-step=",
+                                      trainer.is_global_zero, self.observations)
 
         def keep(soup):
-            prev = soup.sources["previous"]  # a copy: the written soup may be built inside it
-            copy = {k: v.clone() for k, v in prev.tensors.items()}
-            prev = (ShardedSnapshot(copy, prev.step, prev.layouts)
-                    if isinstance(prev, ShardedSnapshot) else Snapshot(copy, prev.step))
-            latest = soup.sources["latest"]
-            self.empty_pieces = sum(1 for t in latest.tensors.values() if t.numel() == 0)
+            self.empty_pieces = sum(1 for t in soup.sources["latest"].tensors.values()
+                                    if t.numel() == 0)
             write(soup)
-            self.observations.append([list(o) for o in soup.result.observations])
-            fixed = ChosenSoup(dataclasses.replace(soup.result, lam=0.7),
-                               pairwise_family("previous", "latest", 0.5),
-                               {"previous": prev, "latest": latest}, soup.target)
-            fixed.write_files(self.fixed_dir, f"soup-step={soup.result.step}",
-                              is_writer=trainer.is_global_zero)
 
         rt.write = keep
         return rt
