@@ -143,7 +143,8 @@ def format_table(history: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("WANDB_MODE", "offline")
+    if "wandb" in args.report_to:
+        os.environ.setdefault("WANDB_MODE", "offline")
     started = time.perf_counter()
 
     from transformers import (AutoModelForCausalLM, PrinterCallback, Trainer, TrainerCallback,
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from transformers.utils import logging as hf_logging
 
     from merge_callback import BayesMergeTrainerCallback
+    from merge_callback.console import quiet_third_party
     from merge_callback.data import (BlockDataset, shakespeare_split, tiny_gpt_neox,
                                      tokenize_and_pack)
     from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
@@ -199,13 +201,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup, weight_decay=0.0,
         logging_steps=100, report_to=args.report_to, use_cpu=True, seed=args.seed,
         disable_tqdm=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=training_args, data_collator=lm_collate,
-                      train_dataset=BlockDataset(train_blocks),
-                      eval_dataset=BlockDataset(heldout_blocks), processing_class=tokenizer,
-                      callbacks=[merge, PrintProgress()])
-    trainer.remove_callback(PrinterCallback)
     fit_started = time.perf_counter()
-    trainer.train()
+    with quiet_third_party():  # DeepSpeed's accelerator notice (when installed); ours stay visible
+        trainer = Trainer(model=model, args=training_args, data_collator=lm_collate,
+                          train_dataset=BlockDataset(train_blocks),
+                          eval_dataset=BlockDataset(heldout_blocks), processing_class=tokenizer,
+                          callbacks=[merge, PrintProgress()])
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
     fit_seconds = time.perf_counter() - fit_started
 
     # ------------------------------------------------------------------ summary

@@ -41,7 +41,6 @@ import copy
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -156,15 +155,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
+    from merge_callback.console import quiet_third_party
     from merge_callback.lightning import BayesMergeCallback
     from merge_callback.data import (BlockDataset, shakespeare_split, stdlib_text, tiny_gpt_neox,
                                      tokenize_and_pack)
     from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
     from merge_callback.io import atomic_write_json, load_state_dict
     from merge_callback.lm import CausalLMModule
-
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 
     merge_kwargs = dict(budget=args.budget, alpha=args.alpha, seed=args.seed)
     wandb_logger = None
@@ -221,12 +218,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  every_n_train_steps=args.save_every, save_top_k=-1)
     merge = BayesMergeCallback(heldout=heldout_loader, soup_dir=soup_dir, **merge_kwargs)
     epochs = math.ceil(args.steps / len(train_loader))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=epochs,
-                        callbacks=[checkpoint, merge], logger=loggers, log_every_n_steps=10,
-                        default_root_dir=str(output_dir), enable_progress_bar=True,
-                        num_sanity_val_steps=0, limit_val_batches=0)
     fit_started = time.perf_counter()
-    trainer.fit(module, train_loader)
+    with quiet_third_party():  # Lightning's banner, tips and known warnings; ours stay visible
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=epochs,
+                            callbacks=[checkpoint, merge], logger=loggers, log_every_n_steps=10,
+                            default_root_dir=str(output_dir), enable_progress_bar=True,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(module, train_loader)
     fit_seconds = time.perf_counter() - fit_started
 
     # ------------------------------------------------------------------ out-of-domain check

@@ -58,6 +58,7 @@ def main(argv=None) -> list[dict]:
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
 
+    from merge_callback.console import quiet_third_party
     from merge_callback.data import (BlockDataset, shakespeare_split, tiny_gpt_neox,
                                      tokenize_and_pack, train_tokenizer)
     from merge_callback.lightning import BayesMergeCallback
@@ -81,12 +82,13 @@ def main(argv=None) -> list[dict]:
                                seed=args.seed)
     ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="{step}",
                            every_n_train_steps=args.save_every, save_top_k=-1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=-1,
-                        callbacks=[ckpt, merge], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(out),
-                        num_sanity_val_steps=0, limit_val_batches=0)
     t0 = time.perf_counter()
-    trainer.fit(CausalLMModule(model, lr=2e-3), train)
+    with quiet_third_party():  # Lightning's banner, tips and known warnings; ours stay visible
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=-1,
+                            callbacks=[ckpt, merge], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=str(out),
+                            num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(CausalLMModule(model, lr=2e-3), train)
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s; metric {metric.name} "
           f"({'higher' if metric.higher_is_better else 'lower'} is better), {args.limit} "
           "examples per task")
