@@ -269,7 +269,8 @@ def _round_progress(trainer: pl.Trainer) -> RoundProgress:
     bar (``enable_progress_bar=False``, a disabled bar, or any rank but zero), a task inside the
     ``RichProgressBar``'s live display when that is the trainer's bar, otherwise a ``tqdm`` bar on
     the stream ``TQDMProgressBar`` writes to, placed on a free line below it and cleared when the
-    round ends."""
+    round ends. A second ``tqdm`` line needs a terminal (it moves the cursor), so when that stream
+    is a file or a pipe (a log) the round draws nothing; its result is logged either way."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
     bar = trainer.progress_bar_callback
@@ -279,9 +280,17 @@ def _round_progress(trainer: pl.Trainer) -> RoundProgress:
         if bar.progress is not None:
             return RoundProgress(rich_progress=bar.progress)
         return RoundProgress(disable=True)
-    if isinstance(bar, TQDMProgressBar):
-        return RoundProgress(file=sys.stdout)
-    return RoundProgress()
+    stream = sys.stdout if isinstance(bar, TQDMProgressBar) else sys.stderr
+    if not _is_terminal(stream):
+        return RoundProgress(disable=True)
+    return RoundProgress(file=stream)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 # --------------------------------------------------------------------------- strategies

@@ -1,5 +1,6 @@
 import io
 import re
+import sys
 
 import lightning as L
 import pytest
@@ -120,7 +121,14 @@ def _fit(tmp_path, *bars, enable_progress_bar=False):
     return cb, tr
 
 
-def test_round_bar_beside_lightnings_tqdm_bar(tmp_path, capsys):
+def _as_terminal(monkeypatch, *streams):
+    """Make the captured streams report a terminal, as an interactive run's would."""
+    for stream in streams:
+        monkeypatch.setattr(stream, "isatty", lambda: True, raising=False)
+
+
+def test_round_bar_beside_lightnings_tqdm_bar(tmp_path, capsys, monkeypatch):
+    _as_terminal(monkeypatch, sys.stdout)
     cb, tr = _fit(tmp_path, TQDMProgressBar(), enable_progress_bar=True)
     out = capsys.readouterr().out
     assert "Epoch 1" in out  # Lightning's own bar, on the same stream
@@ -128,6 +136,17 @@ def test_round_bar_beside_lightnings_tqdm_bar(tmp_path, capsys):
     assert not p.disable and p.done == 4  # budget 3 + lambda=0 once (previous value unknown)
     assert re.search(r"merge step=20: 100%.*\| 4/4 .*best=", out)
     assert p._bar is None  # closed
+
+
+def test_round_bar_is_silent_when_lightnings_tqdm_bar_writes_to_a_log(tmp_path, capsys):
+    # stdout captured to a file-like object, as in `python train.py > log`: Lightning's bar still
+    # prints, the round bar (a second line that moves the cursor) does not
+    cb, tr = _fit(tmp_path, TQDMProgressBar(), enable_progress_bar=True)
+    out = capsys.readouterr().out
+    assert "Epoch 1" in out
+    (p,) = cb.seen
+    assert p.disable and p.done == 4
+    assert "merge step" not in out and "\x1b[A" not in out
 
 
 def test_round_bar_is_silent_without_a_progress_bar(tmp_path, capsys):
@@ -158,7 +177,8 @@ def test_round_is_a_task_of_lightnings_rich_bar(tmp_path):
     assert not any(d.startswith("merge step") for d in remaining)
 
 
-def test_lightnings_default_bar_gets_a_round_bar(tmp_path):
+def test_lightnings_default_bar_gets_a_round_bar(tmp_path, monkeypatch):
+    _as_terminal(monkeypatch, sys.stdout, sys.stderr)
     cb, tr = _fit(tmp_path, enable_progress_bar=True)
     (p,) = cb.seen
     bar = tr.progress_bar_callback
