@@ -320,6 +320,25 @@ def test_lightning_ckpts_plain_merge_keeps_their_keys(ws, lightning_ckpts):
     assert [_digest(p) for p in lightning_ckpts] == before
 
 
+def test_cli_prints_only_its_own_lines(ws, lightning_ckpts, tmp_path):
+    """A fresh process, as a user runs it: writing the Hugging Face folder imports DeepSpeed (through
+    accelerate, when installed), whose accelerator notice is silenced; the CLI's own lines stay."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "soup"
+    proc = subprocess.run(
+        [sys.executable, "-m", "merge_callback.cli", "merge", *map(str, lightning_ckpts),
+         "--weights", "0.25,0.75", "--model", str(ws["hf"][0]), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {out}: config.json" in proc.stdout
+    for noise in ("Setting accelerator to", "Writing model shards", "[WARNING]", "[INFO]"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    AutoModelForCausalLM.from_pretrained(out)
+
+
 def test_lightning_ckpts_evaluation_needs_model(ws, lightning_ckpts):
     out = ws["root"] / "lit-nomodel"
     with pytest.raises(CLIError, match="evaluating torch checkpoints needs their architecture: "

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from merge_callback.cli.args import CLIError
+from merge_callback.console import quiet_third_party
 from merge_callback.io import detect_key_prefix
 from merge_callback.preflight import PreflightError, check_heldout, check_output_dir
 from merge_callback.stream import (
@@ -748,7 +749,9 @@ class MergeSession:
         if self.model is None:
             self._load_model()
         self.load(weights)
-        self.model.save_pretrained(str(folder), max_shard_size=parse_size(self.ns.max_shard_size))
+        with quiet_third_party():  # DeepSpeed's import notice, transformers' shard-writing bar
+            self.model.save_pretrained(str(folder),
+                                       max_shard_size=parse_size(self.ns.max_shard_size))
         if self.tokenizer_path is not None and self.tokenizer_path.is_dir():
             for name in TOKENIZER_FILES:
                 if (self.tokenizer_path / name).is_file():

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from merge_callback import dist
+from merge_callback.console import quiet_third_party
 from merge_callback.io.atomic import atomic_directory, atomic_write_json, save_safetensors_atomic
 from merge_callback.io.readers import detect_key_prefix
 
@@ -79,9 +80,10 @@ def write_hf_soup_folder(folder: str | os.PathLike, save: Callable[[Path], None]
     folder = Path(folder)
     with atomic_directory(folder) as tmp:
         _chmod_like_mkdir(Path(tmp))
-        save(Path(tmp))
-        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
-            processing_class.save_pretrained(str(tmp))
+        with quiet_third_party():  # DeepSpeed's import notice, transformers' shard-writing bar
+            save(Path(tmp))
+            if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+                processing_class.save_pretrained(str(tmp))
         atomic_write_json(Path(tmp) / "merge.json", dict(info))
     return folder
 
