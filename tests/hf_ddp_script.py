@@ -1,7 +1,8 @@
 """Two-process DDP run (gloo, CPU) of a transformers.Trainer with BayesMergeTrainerCallback.
 
 Started by test_hf.py through ``python -m torch.distributed.run --nproc_per_node 2``.
-Usage: hf_ddp_script.py OUT_DIR [averaging]  (averaging: history=4, snapshots, EMA tracks)
+Usage: hf_ddp_script.py OUT_DIR [averaging|auto]  (averaging: history=4, snapshots, EMA tracks;
+auto: averaging="auto" with its snapshot store)
 """
 
 import json
@@ -19,13 +20,14 @@ from merge_callback import BayesMergeTrainerCallback  # noqa: E402
 from test_hf import collate, heldout_set, tiny_model, train_set  # noqa: E402
 
 
-AVERAGING = dict(budget=6, history=4, snapshot_every=5, ema_decays=(0.8, 0.95))
+MODES = {"pairwise": dict(budget=3),
+         "averaging": dict(budget=6, history=4, snapshot_every=5, ema_decays=(0.8, 0.95)),
+         "auto": dict(averaging="auto", snapshot_every=5)}
 
 
-def main(out: Path, averaging: bool = False) -> None:
+def main(out: Path, mode: str = "pairwise") -> None:
     torch.set_num_threads(1)
-    cb = BayesMergeTrainerCallback(heldout=heldout_set(), **(AVERAGING if averaging
-                                                               else dict(budget=3)))
+    cb = BayesMergeTrainerCallback(heldout=heldout_set(), **MODES[mode])
     args = TrainingArguments(output_dir=str(out / "out"), max_steps=30, save_steps=10,
                              per_device_train_batch_size=4, per_device_eval_batch_size=8,
                              learning_rate=1e-2, lr_scheduler_type="constant", report_to="none",
@@ -49,4 +51,4 @@ def main(out: Path, averaging: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), averaging=sys.argv[2:] == ["averaging"])
+    main(Path(sys.argv[1]), *sys.argv[2:3])

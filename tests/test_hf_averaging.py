@@ -73,7 +73,8 @@ def test_resume_with_snapshots_and_ema_tracks_gives_the_same_soups(tmp_path):
                             load_state_dict(part / "soups" / f"soup-{step}"))
 
 
-def test_averaging_under_ddp_two_processes(tmp_path):
+def _torchrun_hf_script(tmp_path, mode: str) -> list[dict]:
+    """Two gloo processes of tests/hf_ddp_script.py under torchrun; each rank's JSON."""
     dist_vars = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
                  "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "TORCHELASTIC_RUN_ID"}
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
@@ -81,9 +82,13 @@ def test_averaging_under_ddp_two_processes(tmp_path):
         [str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "2", str(HERE / "hf_ddp_script.py"), str(tmp_path),
-                        "averaging"], env=env, capture_output=True, text=True, timeout=300)
+                        mode], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    return [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+
+
+def test_averaging_under_ddp_two_processes(tmp_path):
+    ranks = _torchrun_hf_script(tmp_path, "averaging")
     assert ranks[0]["history"] == ranks[1]["history"]
     history = ranks[0]["history"]
     assert [h["step"] for h in history] == [10, 20, 30] and all("family" in h for h in history)
@@ -93,5 +98,27 @@ def test_averaging_under_ddp_two_processes(tmp_path):
 
     for h in history:  # the reduced value equals a one-process evaluation of the written soup
         soup = from_pretrained(out / "soups" / f"soup-{h['step']}")
+        value = HeldoutEvaluator(heldout_loader(), resolve_metric("loss"))(soup)
+        assert value == pytest.approx(h["value_soup"], rel=1e-9)
+
+
+def test_auto_averaging_under_ddp_two_processes(tmp_path):
+    """averaging="auto" under torchrun: rank 0 writes the shared snapshot store, both ranks read
+    it and agree, and each written soup re-evaluates to its recorded value in one process."""
+    from merge_callback.evaluate import HeldoutEvaluator, resolve_metric
+    from test_hf import heldout_loader
+
+    ranks = _torchrun_hf_script(tmp_path, "auto")
+    assert ranks[0]["history"] == ranks[1]["history"]
+    history = ranks[0]["history"]
+    # saves at 10, 20, 30: the first round needs two stored saves
+    assert [h["step"] for h in history] == [20, 30]
+    soups = tmp_path / "out" / "soups"
+    store = sorted(p.name for p in (soups / ".averaging").iterdir())
+    assert len([n for n in store if n.endswith("-raw.safetensors")]) == 3
+    for h in history:
+        info = json.loads((soups / f"soup-{h['step']}" / "merge.json").read_text())
+        assert info["averaging"] == "auto" and info["value_soup"] == h["value_soup"]
+        soup = from_pretrained(soups / f"soup-{h['step']}")
         value = HeldoutEvaluator(heldout_loader(), resolve_metric("loss"))(soup)
         assert value == pytest.approx(h["value_soup"], rel=1e-9)
