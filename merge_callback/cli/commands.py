@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import sys
 import time
@@ -38,16 +37,6 @@ def _copy_hf_files(session: MergeSession, tmp: Path) -> list[str]:
                 shutil.copy2(session.tokenizer_path / name, tmp / name)
                 copied.append(name)
     return copied
-
-
-def _readable_like_save_pretrained(folder: Path) -> None:
-    """Give a finished output folder the modes a plain ``mkdir``/``open`` would (umask applied);
-    temporary folders and safetensors files are created private (0700 / 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for p in folder.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _per_shard(values: dict[str, float]) -> str:
@@ -218,7 +207,6 @@ def _run_merge(session: MergeSession, ns, method: str, fixed, pairwise: bool) ->
         record["files"] = sorted(files) + ["merge.json"]
         record["seconds"] = round(time.perf_counter() - t0, 3)
         (tmp / "merge.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
-        _readable_like_save_pretrained(tmp)
     _print_merge_summary(session, record)
     return record
 
@@ -294,7 +282,6 @@ def _cmd_sweep(ns: argparse.Namespace) -> dict[str, Any]:
                        shard_names=[s.spec.name for s in session.shards],
                        alpha=DEFAULT_ALPHA)
             (tmp / "sweep.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
-            _readable_like_save_pretrained(tmp)
         print(f"{'λ':>8s}  {session.fitness_name}")
         for r in rows:
             mark = "  <- best" if r is best else ""
@@ -345,7 +332,6 @@ def _cmd_heatmap(ns: argparse.Namespace) -> dict[str, Any]:
                          fitness_name=session.fitness_name,
                          higher_is_better=session.higher_is_better, lam=ns.lam)
             (tmp / "heatmap.json").write_text(json.dumps(json_safe(record), indent=2) + "\n")
-            _readable_like_save_pretrained(tmp)
         width = max(len(lab) for lab in labels)
         print(f"held-out {session.fitness_name} (diagonal: single checkpoint; above: "
               f"{1 - ns.lam:g}·row + {ns.lam:g}·column)")

@@ -34,6 +34,7 @@ __all__ = [
     "TEMPORARY_NAME",
     "temporary_owner",
     "remove_stale_temporaries",
+    "publish_modes",
 ]
 
 #: temporaries this package creates: ``.<name>.tmp-<pid>[-<random>]`` and ``.<name>.old-<pid>``
@@ -143,12 +144,34 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return _publish(path, write)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``mkdir`` or
+    ``open`` would give it, the umask applied: temporary folders and safetensors files are created
+    private (0700 / 0600), which would hide a soup from the other accounts that can read the run's
+    checkpoints."""
+    path = Path(path)
+    mask = _umask()
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for p in path.rglob("*"):
+            if not p.is_symlink():
+                p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _publish(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` into a temporary name beside ``path``, flush it to disk, move it into place
-    with ``os.replace`` and flush the folder; the temporary is gone whatever happens."""
+    """``write(tmp)`` into a temporary name beside ``path``, give it the modes ``open`` would,
+    flush it to disk, move it into place with ``os.replace`` and flush the folder; the temporary
+    is gone whatever happens."""
     tmp = _tmp_path(path)
     try:
         write(tmp)
+        publish_modes(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -224,10 +247,6 @@ class atomic_directory:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-",
                                          dir=self.path.parent))
-        # mkdtemp makes the folder private (0700); publish it like a folder made by mkdir
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -235,6 +254,7 @@ class atomic_directory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        publish_modes(self.tmp)  # mkdtemp's folder and safetensors' files are private
         old = None
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")

@@ -66,20 +66,12 @@ def write_soup_files(soup_dir, stem: str, tensors: Mapping[str, Tensor], result:
     return st, js
 
 
-def _chmod_like_mkdir(path: Path) -> None:
-    """Give a ``mkdtemp`` folder (mode 0700) the mode ``mkdir`` would (0777 minus the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o777 & ~mask)
-
-
 def write_hf_soup_folder(folder: str | os.PathLike, save: Callable[[Path], None], info: Mapping,
                          processing_class: Any = None) -> Path:
     """Write a Hugging Face model folder atomically: ``save(tmp)`` writes the weights and config
     (``save_pretrained``), then the tokenizer or processor if given, then ``merge.json`` (last)."""
     folder = Path(folder)
     with atomic_directory(folder) as tmp:
-        _chmod_like_mkdir(Path(tmp))
         with quiet_third_party():  # DeepSpeed's import notice, transformers' shard-writing bar
             save(Path(tmp))
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
