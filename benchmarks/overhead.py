@@ -88,8 +88,8 @@ BUDGET = 10  # BayesMergeCallback's default budget
 # row labels (also the keys in overhead.json)
 COPY = "copy_ (reference)"
 CANDIDATE = "package merge.lerp_tensors_: torch.lerp(out=live) per tensor (every candidate)"
-SOUP_IN_PLACE = ("package soup_state_dict(in_place=True): Tensor.lerp_ per tensor into the "
-                 "previous snapshot (the written soup)")
+SOUP_IN_PLACE = ("package soup_state_dict(in_place=True): torch.lerp(out=previous) per tensor "
+                 "into the previous snapshot (the written soup)")
 FOREACH = "torch._foreach_lerp_ in place (not used by the package; for comparison)"
 # bytes a kernel moves, in tensor volumes: copy_ reads 1 and writes 1; a lerp reads 2 and writes 1
 VOLUMES = {COPY: 2, CANDIDATE: 3, SOUP_IN_PLACE: 3, FOREACH: 3}
@@ -796,11 +796,11 @@ def render(res: dict, command: str) -> str:
     w("Every candidate λ is written into the live weights by `merge.lerp_tensors_`: one "
       "`torch.lerp(previous, latest, λ, out=live)` per tensor (λ = 1 and the restore are "
       "copies). The soup that gets written is built by `engine.soup_state_dict(previous, latest, "
-      "λ, in_place=True, module=module)`: on a CPU module that is `previous_tensor.lerp_(latest_"
-      "tensor, λ)` per tensor, inside the previous snapshot (which the callback drops after the "
-      "round) — a per-tensor `Tensor.lerp_`, not `torch._foreach_lerp_`; the `_foreach_lerp_` "
-      "row is for comparison only. `copy_` copies the latest snapshot into the live weights "
-      "tensor by tensor.\n")
+      "λ, in_place=True, module=module)`: on a CPU module that is `torch.lerp(previous_tensor, "
+      "latest_tensor, λ, out=previous_tensor)` per tensor, inside the previous snapshot (which "
+      "the callback drops after the round) — the candidates' per-tensor kernel, not "
+      "`torch._foreach_lerp_`; the `_foreach_lerp_` row is for comparison only. `copy_` copies "
+      "the latest snapshot into the live weights tensor by tensor.\n")
     w("Two fractions: **copy_ bandwidth fraction** = copy_ time / merge time (the issue's "
       "target, ≥ 0.9, is this time-based fraction); **bytes moved per second / copy_'s** counts "
       "what each kernel has to move: a copy reads one tensor volume and writes one (2 volumes), "
