@@ -893,4 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from merge_callback.console import quiet_third_party
+
+    with quiet_third_party():  # Lightning's banner and tips; our lines and warnings stay
+        raise SystemExit(main())

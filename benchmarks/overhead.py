@@ -1231,4 +1231,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from merge_callback.console import quiet_third_party
+
+    with quiet_third_party():  # Lightning's banner and tips; our lines and warnings stay
+        sys.exit(main())

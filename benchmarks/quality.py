@@ -542,4 +542,7 @@ def main(argv=None, *, prog: str = "python -m benchmarks.quality",
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from merge_callback.console import quiet_third_party
+
+    with quiet_third_party():  # Lightning's banner and tips; our lines and warnings stay
+        raise SystemExit(main())

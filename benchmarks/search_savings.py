@@ -146,4 +146,7 @@ def render(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from merge_callback.console import quiet_third_party
+
+    with quiet_third_party():  # Lightning's banner and tips; our lines and warnings stay
+        main(sys.argv[1:])

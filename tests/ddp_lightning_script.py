@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from lightning_helpers import loaders, module  # noqa: E402
+from lightning_helpers import exit_without_teardown, loaders, module  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
 
 
@@ -39,3 +39,4 @@ def main(out: Path, mode: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "pairwise")
+    exit_without_teardown()

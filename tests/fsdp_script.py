@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-from lightning_helpers import loaders, module  # noqa: E402
+from lightning_helpers import exit_without_teardown, loaders, module  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
 from merge_callback.engine import ChosenSoup, ShardedSnapshot, pairwise_family  # noqa: E402
 from merge_callback.lm import CausalLMModule  # noqa: E402
@@ -96,3 +96,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_without_teardown()

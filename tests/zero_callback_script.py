@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
-from lightning_helpers import loaders, module  # noqa: E402
+from lightning_helpers import exit_without_teardown, loaders, module  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
 from merge_callback.lm import CausalLMModule  # noqa: E402
 from strategies_cpu import (CPUDeepSpeedStrategy, CPUFSDPStrategy,  # noqa: E402
@@ -158,3 +158,4 @@ def main(out: Path, kind: str, resume: bool) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], len(sys.argv) > 3 and sys.argv[3] == "resume")
+    exit_without_teardown()
