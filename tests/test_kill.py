@@ -81,9 +81,15 @@ def _cli(inputs, out, *extra):
             "--weights", "0.5,0.5", "--max_shard_size", "8MB", "--out", str(out), *extra]
 
 
+def _default_sigint() -> None:
+    # as in a terminal: a job started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python then keeps ignoring it (no KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_cli(inputs, out, *extra):
     return subprocess.Popen(_cli(inputs, out, *extra), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def test_killed_cli_merge_leaves_no_partial_output_and_no_debris(tmp_path, big_checkpoints):
