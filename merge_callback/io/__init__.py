@@ -15,6 +15,7 @@ from merge_callback.io.readers import (CHECKPOINT_FORMATS, INDEX_NAME, SINGLE_NA
                                        lightning_state_dict, load_state_dict)
 
 __all__ = ["TEMPORARY_NAME", "atomic_directory", "atomic_write_bytes", "atomic_write_json",
-           "json_safe", "publish_modes", "remove_stale_temporaries", "save_safetensors_atomic", "temporary_owner",
+           "json_safe", "publish_modes", "remove_stale_temporaries", "save_safetensors_atomic",
+           "temporary_owner",
            "CHECKPOINT_FORMATS", "INDEX_NAME", "SINGLE_NAME", "TensorReader", "TensorSpec",
            "checkpoint_format", "detect_key_prefix", "lightning_state_dict", "load_state_dict"]
