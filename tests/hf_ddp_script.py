@@ -6,7 +6,6 @@ auto: averaging="auto" with its snapshot store)
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
+from lightning_helpers import exit_without_teardown  # noqa: E402
 from merge_callback import BayesMergeTrainerCallback  # noqa: E402
 from test_hf import collate, heldout_set, tiny_model, train_set  # noqa: E402
 
@@ -42,12 +42,7 @@ def main(out: Path, mode: str = "pairwise") -> None:
     (out / f"rank{args.process_index}.json").write_text(json.dumps(
         {"history": cb.history, "world_size": args.world_size, "evaluated_batches": batches,
          "merge_logs": merge_logs}))
-    torch.distributed.barrier()
-    # Freeing a gloo DDP Trainer sometimes hangs in native destructors (also without any
-    # callback); every result is written by now, so leave without tearing anything down.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()  # every rank has written its results
 
 
 if __name__ == "__main__":

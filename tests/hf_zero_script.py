@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from lightning_helpers import VOCAB, token_blocks  # noqa: E402
+from lightning_helpers import VOCAB, exit_without_teardown, token_blocks  # noqa: E402
 from merge_callback.data import BlockDataset, tiny_gpt_neox  # noqa: E402
 from merge_callback.hf import BayesMergeTrainerCallback  # noqa: E402
 from strategies_cpu import also_write_fixed_soup, gather_full  # noqa: E402
@@ -132,11 +132,7 @@ def main(out: Path, kind: str) -> None:
               "resume_final_bitwise": all(torch.equal(resumed["final"][k], plain["final"][k])
                                           for k in plain["final"])}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    torch.distributed.barrier()
-    # as in hf_ddp_script.py: leave without tearing down gloo (its destructors may hang)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()  # every rank has written its results
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Usage: python lmeval_ddp_script.py OUT_DIR
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import lmeval_helpers as H  # noqa: E402
+from lightning_helpers import exit_without_teardown  # noqa: E402
 from merge_callback import BayesMergeCallback  # noqa: E402
 from merge_callback.evaluate import HeldoutEvaluator, resolve_metric  # noqa: E402
 from merge_callback.lm import CausalLMModule  # noqa: E402
@@ -52,9 +52,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    # every rank has written its results: leave without tearing gloo/DDP down (freeing them at
-    # interpreter exit has aborted the process, "terminate called without an active exception")
-    torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()  # every rank has written its results
