@@ -7,11 +7,11 @@ import contextlib
 import logging
 import warnings
 
-__all__ = ["THIRD_PARTY_WARNINGS", "quiet_third_party"]
+__all__ = ["quiet_third_party"]
 
 
 # known, harmless third-party warnings that our programs trigger
-THIRD_PARTY_WARNINGS = (
+_THIRD_PARTY_WARNINGS = (
     r".*defined a `validation_step` but have no `val_dataloader`",
     r".*LeafSpec.*deprecated",  # lightning's _pytree under torch >= 2.10
     r"Checkpoint directory .* exists and is not empty",
@@ -54,7 +54,7 @@ def quiet_third_party():
     ds.addFilter(ds_filter)
     try:
         with warnings.catch_warnings():
-            for pattern in THIRD_PARTY_WARNINGS:
+            for pattern in _THIRD_PARTY_WARNINGS:
                 warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
